@@ -1,0 +1,44 @@
+// Package devices holds the small interfaces every device model of the
+// x86 platform meets at; the device models live in its sub-packages, one
+// device per package (serial, rtc, i8042, debugexit, ...), and the buses
+// that route port and MMIO exits to them live in devices/bus.
+//
+// A device sees its register window through Device, guest memory through
+// *guestmem.Memory, and its interrupt through an IRQLine: never the VM.
+//
+// Every device keeps its state in a plain, versioned State struct (exported
+// fields, no locks, pointers or host handles) with Save and Restore, so that
+// snapshots and migration can capture it.
+//
+// # Security
+//
+// Every byte a device receives from the guest (register writes, offsets,
+// lengths, addresses in guest memory) is hostile input: a device answers bad
+// input with an error to the guest, a counter, or a device reset, and never
+// panics.
+package devices
+
+// Device is a window of registers on the port-I/O or MMIO bus.
+//
+// Off is the offset of the access from the base the device was inserted at;
+// len(p) is the access size (1, 2, 4 or 8). Read fills p; Write consumes p.
+// Implementations must accept any offset and size without panicking.
+type Device interface {
+	Read(off uint64, p []byte)
+	Write(off uint64, p []byte)
+}
+
+// IRQLine is one interrupt input of the platform's interrupt controller.
+//
+// SetLevel drives the line: true asserts it, false deasserts it. Devices
+// model their interrupt output as a level; an edge-triggered controller
+// input sees the rising edge.
+type IRQLine interface {
+	SetLevel(high bool)
+}
+
+// IRQFunc adapts a function to IRQLine.
+type IRQFunc func(high bool)
+
+// SetLevel implements IRQLine.SetLevel.
+func (f IRQFunc) SetLevel(high bool) { f(high) }
