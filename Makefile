@@ -1,0 +1,64 @@
+# Collective: the plain entry points. `make help` lists them.
+
+GO        ?= go
+BIN       := bin/collective
+GUEST     := guest/build/guest.elf
+ARGS      ?=
+FUZZTIME  ?= 30s
+
+.PHONY: help build guest run test test-short fuzz bench vet clean deps
+
+help:
+	@echo "make run        build and boot the default appliance on the serial console (ARGS='...' adds flags)"
+	@echo "make test       run the whole test suite (what CI runs)"
+	@echo "make fuzz       run every fuzz target for FUZZTIME each (default $(FUZZTIME))"
+	@echo "make bench      benchmarks against QEMU, printed as tables"
+
+build: $(BIN) guest
+
+$(BIN): FORCE
+	$(GO) build -o $(BIN) ./cmd/collective
+
+guest:
+	$(MAKE) -C guest
+
+# deps installs what the tests and benchmarks need on a Debian host.
+deps:
+	@missing=""; \
+	command -v gcc >/dev/null || missing="$$missing gcc"; \
+	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+# run boots the default appliance. For now that is the workload guest
+# saying hello; the real-Linux appliance replaces it (issue 3).
+run: build
+	$(BIN) run --kernel $(GUEST) --append "$(or $(APPEND),hello)" --mem 128M $(ARGS)
+
+test: deps build
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 30m ./...
+	$(MAKE) fuzz FUZZTIME=$(FUZZTIME)
+
+test-short:
+	$(GO) test -short ./...
+
+fuzz:
+	@set -e; for t in $$($(GO) test ./fuzz -list '^Fuzz' | grep '^Fuzz'); do \
+		echo "== $$t ($(FUZZTIME))"; \
+		$(GO) test ./fuzz -run='^$$' -fuzz="^$$t\$$" -fuzztime=$(FUZZTIME); \
+	done
+
+bench: build
+	$(BIN) bench all
+
+vet:
+	gofmt -l . | (! grep .) || (echo "gofmt needed" && false)
+	$(GO) vet ./...
+
+clean:
+	rm -rf bin guest/build
+
+FORCE:

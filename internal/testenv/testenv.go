@@ -1,0 +1,44 @@
+// Package testenv decides whether a test's requirements (/dev/kvm, QEMU,
+// gcc) are met. On a developer's machine a missing requirement skips the
+// test with the reason; under CI=true it fails it, so that CI never
+// passes by skipping.
+package testenv
+
+import (
+	"os"
+	"os/exec"
+	"testing"
+
+	"collective/kvm"
+)
+
+// CI reports whether the tests run in CI (CI=true).
+func CI() bool { return os.Getenv("CI") == "true" }
+
+// missing skips or fails t.
+func missing(t testing.TB, format string, a ...any) {
+	t.Helper()
+	if CI() {
+		t.Fatalf("CI=true and a requirement is missing: "+format, a...)
+	}
+	t.Skipf("skipped: "+format, a...)
+}
+
+// RequireKVM skips t (fails it under CI=true) when /dev/kvm cannot be used.
+func RequireKVM(t testing.TB) {
+	t.Helper()
+	if err := kvm.Available(); err != nil {
+		missing(t, "no usable %s: %v", kvm.DevicePath, err)
+	}
+}
+
+// RequireCommand returns the path of the named program, skipping t (or
+// failing it under CI=true) when it is not installed.
+func RequireCommand(t testing.TB, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		missing(t, "%s is not installed", name)
+	}
+	return p
+}
