@@ -1,0 +1,287 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// The bench command runs the workload guest under Collective and under
+// QEMU side by side in one run, and prints medians and ratios.
+
+type peer struct {
+	name string
+	cmd  func(guest, cmdline string, memMiB int) []string
+}
+
+func peers(self string) []peer {
+	qemu := func(machine string) func(string, string, int) []string {
+		return func(guest, cmdline string, memMiB int) []string {
+			return []string{"qemu-system-x86_64", "-enable-kvm", "-M", machine, "-cpu", "host",
+				"-m", strconv.Itoa(memMiB), "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+				"-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+				"-kernel", guest, "-append", cmdline}
+		}
+	}
+	return []peer{
+		{"collective", func(guest, cmdline string, memMiB int) []string {
+			return []string{self, "run", "--kernel", guest, "--append", cmdline, "--mem", fmt.Sprintf("%dM", memMiB)}
+		}},
+		{"qemu-microvm", qemu("microvm")},
+		{"qemu-pc", qemu("pc")},
+	}
+}
+
+func benchCmd(args []string) int {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	guest := fs.String("guest", "guest/build/guest.elf", "workload guest ELF")
+	runs := fs.Int("runs", 10, "runs per peer (the median is reported)")
+	exits := fs.Int("exits", 200000, "exits per run for the exit benchmark")
+	skipPC := fs.Bool("skip-pc", false, "skip QEMU -M pc (its firmware is slow under kvm-pvm)")
+	fs.Usage = func() {
+		fmt.Fprintf(os.Stderr, "usage: collective bench [flags] boot|exits|memory|all\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() != 1 {
+		fs.Usage()
+		return 2
+	}
+	self, err := os.Executable()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "collective bench:", err)
+		return 1
+	}
+	if _, err := os.Stat(*guest); err != nil {
+		fmt.Fprintf(os.Stderr, "collective bench: %v (build it with make guest)\n", err)
+		return 2
+	}
+	ps := peers(self)
+	if *skipPC {
+		ps = ps[:2]
+	}
+	which := fs.Arg(0)
+	ok := true
+	for _, b := range []struct {
+		name string
+		f    func([]peer, string, int, int) error
+	}{{"boot", benchBoot}, {"exits", benchExits}, {"memory", benchMemory}} {
+		if which != "all" && which != b.name {
+			continue
+		}
+		if err := b.f(ps, *guest, *runs, *exits); err != nil {
+			fmt.Fprintf(os.Stderr, "collective bench %s: %v\n", b.name, err)
+			ok = false
+		}
+	}
+	if !ok {
+		return 1
+	}
+	return 0
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	return s[len(s)/2]
+}
+
+// firstByte starts argv and returns the time from start to the first byte
+// on its stdout, then lets it finish (bounded by a timeout).
+func firstByte(argv []string) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return 0, err
+	}
+	cmd.Stdin = nil
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	var b [1]byte
+	_, rerr := out.Read(b[:])
+	d := time.Since(start)
+	io.Copy(io.Discard, out)
+	cmd.Wait()
+	if rerr != nil {
+		return 0, fmt.Errorf("%s: no serial output: %w", filepath.Base(argv[0]), rerr)
+	}
+	return d, nil
+}
+
+func table(title string, header []string, rows [][]string) {
+	fmt.Printf("\n%s\n", title)
+	w := tabwriter.NewWriter(os.Stdout, 2, 8, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(w, strings.Join(header, "\t")+"\t")
+	for _, r := range rows {
+		fmt.Fprintln(w, strings.Join(r, "\t")+"\t")
+	}
+	w.Flush()
+}
+
+func benchBoot(ps []peer, guest string, runs, _ int) error {
+	res := map[string][]float64{}
+	// Interleave peers so that machine noise hits all of them alike.
+	for i := 0; i < runs; i++ {
+		for _, p := range ps {
+			d, err := firstByte(p.cmd(guest, "hello", 128))
+			if err != nil {
+				return fmt.Errorf("%s: %w", p.name, err)
+			}
+			res[p.name] = append(res[p.name], float64(d.Microseconds())/1000)
+		}
+	}
+	base := median(res["collective"])
+	var rows [][]string
+	for _, p := range ps {
+		m := median(res[p.name])
+		rows = append(rows, []string{p.name, fmt.Sprintf("%.1f", m), fmt.Sprintf("%.1f", slices.Min(res[p.name])), fmt.Sprintf("%.3f", base/m)})
+	}
+	table(fmt.Sprintf("(a) process start to first serial byte, workload guest 'hello', 128 MiB, %d runs", runs),
+		[]string{"peer", "median ms", "min ms", "collective/peer"}, rows)
+	return nil
+}
+
+var exitsRe = regexp.MustCompile(`exits: (\d+) (\w+) writes in (\d+) ns, (\d+) ns/exit`)
+
+func runOutput(argv []string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	var out bytes.Buffer
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		return out.String(), err
+	}
+	return out.String(), nil
+}
+
+func benchExits(ps []peer, guest string, runs, n int) error {
+	var rows [][]string
+	for _, kind := range []string{"port", "mmio"} {
+		res := map[string][]float64{}
+		for i := 0; i < max(3, runs/3); i++ {
+			for _, p := range ps {
+				out, err := runOutput(p.cmd(guest, fmt.Sprintf("exits %d %s", n, kind), 128))
+				if err != nil {
+					return fmt.Errorf("%s: %w", p.name, err)
+				}
+				m := exitsRe.FindStringSubmatch(out)
+				if m == nil {
+					return fmt.Errorf("%s: no exits line in output:\n%s", p.name, out)
+				}
+				total, _ := strconv.ParseFloat(m[3], 64)
+				cnt, _ := strconv.ParseFloat(m[1], 64)
+				res[p.name] = append(res[p.name], total/cnt)
+			}
+		}
+		base := median(res["collective"])
+		for _, p := range ps {
+			m := median(res[p.name])
+			rows = append(rows, []string{kind, p.name, fmt.Sprintf("%.0f", m), fmt.Sprintf("%.3f", base/m)})
+		}
+	}
+	table(fmt.Sprintf("(b) exit round trip, %d writes per run from CPL3 (port 0xf0 / MMIO 0xd0000000)", n),
+		[]string{"kind", "peer", "median ns/exit", "collective/peer"}, rows)
+	return nil
+}
+
+// benchMemory runs the guest in spin mode and reads the process's RSS and
+// the RSS of its guest-RAM mapping from /proc/PID/smaps.
+func benchMemory(ps []peer, guest string, runs, _ int) error {
+	const memMiB = 256
+	var rows [][]string
+	res := map[string][]float64{}
+	for i := 0; i < max(3, runs/3); i++ {
+		for _, p := range ps {
+			over, err := overhead(p.cmd(guest, "spin", memMiB), memMiB<<20)
+			if err != nil {
+				return fmt.Errorf("%s: %w", p.name, err)
+			}
+			res[p.name] = append(res[p.name], over)
+		}
+	}
+	base := median(res["collective"])
+	for _, p := range ps {
+		m := median(res[p.name])
+		rows = append(rows, []string{p.name, fmt.Sprintf("%.2f", m), fmt.Sprintf("%.3f", base/m)})
+	}
+	table(fmt.Sprintf("(c) VMM memory overhead: RSS minus the guest-RAM mapping's RSS, guest 'spin', %d MiB", memMiB),
+		[]string{"peer", "median MiB", "collective/peer"}, rows)
+	return nil
+}
+
+func overhead(argv []string, ramBytes int) (float64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return 0, err
+	}
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	// Wait for the guest's first line: it is then spinning at CPL3.
+	if _, err := bufio.NewReader(out).ReadString('\n'); err != nil {
+		return 0, fmt.Errorf("no serial output: %w", err)
+	}
+	go io.Copy(io.Discard, out)
+	time.Sleep(300 * time.Millisecond)
+	total, guest, err := smapsRSS(cmd.Process.Pid, ramBytes)
+	if err != nil {
+		return 0, err
+	}
+	return float64(total-guest) / (1 << 20), nil
+}
+
+// smapsRSS returns the process's total RSS and the RSS of its largest
+// mapping of at least ramBytes (guest RAM), in bytes.
+func smapsRSS(pid, ramBytes int) (total, guest int64, err error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	var size int64
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		v, _ := strconv.ParseInt(f[1], 10, 64)
+		switch f[0] {
+		case "Size:":
+			size = v << 10
+		case "Rss:":
+			total += v << 10
+			if size >= int64(ramBytes) && v<<10 > guest {
+				guest = v << 10
+			}
+		}
+	}
+	return total, guest, nil
+}

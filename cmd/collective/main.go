@@ -1,0 +1,43 @@
+// Command collective runs virtual appliances on Linux KVM.
+//
+// Usage:
+//
+//	collective run --kernel FILE [--initrd FILE] [--append CMDLINE] [--mem 512M] [--cpus N] [--serial stdio|file:PATH|none]
+//	collective bench boot|exits|memory ...
+//
+// The exit status of run is the guest's debug-exit code (port 0xf4), 0 when
+// the guest powers off or resets, 1 when the VMM fails, 2 for bad flags or
+// a kernel file that cannot be booted.
+package main
+
+import (
+	"fmt"
+	"os"
+)
+
+const usage = `collective: run virtual appliances on KVM
+
+Commands:
+  run      boot a kernel with its serial console (collective run -h)
+  bench    benchmarks against QEMU (collective bench -h)
+`
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	var code int
+	switch os.Args[1] {
+	case "run":
+		code = runCmd(os.Args[2:])
+	case "bench":
+		code = benchCmd(os.Args[2:])
+	case "-h", "--help", "help":
+		fmt.Print(usage)
+	default:
+		fmt.Fprintf(os.Stderr, "collective: unknown command %q\n%s", os.Args[1], usage)
+		code = 2
+	}
+	os.Exit(code)
+}

@@ -1,0 +1,120 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"collective/guest"
+	"collective/internal/testenv"
+)
+
+// binary builds the collective command once per test binary.
+func binary(t *testing.T) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "collective")
+	out, err := exec.Command("go", "build", "-o", p, ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return p
+}
+
+func run(t *testing.T, bin string, stdin string, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	cmd.Stdin = strings.NewReader(stdin)
+	err := cmd.Run()
+	var ee *exec.ExitError
+	switch {
+	case errors.As(err, &ee):
+		code = ee.ExitCode()
+	case err != nil:
+		t.Fatal(err)
+	}
+	return code, o.String(), e.String()
+}
+
+func TestRunRefusesCleanly(t *testing.T) {
+	bin := binary(t)
+	dir := t.TempDir()
+	text := filepath.Join(dir, "notes.txt")
+	os.WriteFile(text, []byte("not a kernel\n"), 0o644)
+	for _, tc := range []struct {
+		name string
+		args []string
+		kvm  bool
+	}{
+		{"no kernel", []string{"run"}, false},
+		{"unknown flag", []string{"run", "--bogus"}, false},
+		{"bad mem", []string{"run", "--kernel", text, "--mem", "lots"}, false},
+		{"bad serial", []string{"run", "--kernel", text, "--serial", "tcp:1"}, false},
+		{"stray argument", []string{"run", "--kernel", text, "extra"}, false},
+		{"missing kernel file", []string{"run", "--kernel", filepath.Join(dir, "none")}, false},
+		{"not a kernel", []string{"run", "--kernel", text}, true},
+		{"unknown command", []string{"fly"}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.kvm {
+				testenv.RequireKVM(t)
+			}
+			code, _, stderr := run(t, bin, "", tc.args...)
+			if code != 2 {
+				t.Errorf("exit status %d, want 2; stderr:\n%s", code, stderr)
+			}
+			if strings.Contains(stderr, "goroutine ") || strings.Contains(stderr, "panic") {
+				t.Errorf("stack trace on stderr:\n%s", stderr)
+			}
+			if stderr == "" {
+				t.Error("no message on stderr")
+			}
+		})
+	}
+}
+
+func TestRunGuestExitStatus(t *testing.T) {
+	testenv.RequireKVM(t)
+	testenv.RequireCommand(t, "gcc")
+	elf, err := guest.Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := binary(t)
+	code, stdout, stderr := run(t, bin, "", "run", "--kernel", elf, "--append", "hello", "--mem", "64M")
+	if code != 0 || !strings.Contains(stdout, "collective-guest: hello") {
+		t.Fatalf("hello: status %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+	code, _, stderr = run(t, bin, "", "run", "--kernel", elf, "--append", "nonsense", "--mem", "64M", "--serial", "none")
+	if code != 2 {
+		t.Fatalf("unknown guest mode: status %d, want the guest's code 2\n%s", code, stderr)
+	}
+	logf := filepath.Join(t.TempDir(), "console.log")
+	code, stdout, _ = run(t, bin, "", "run", "--kernel", elf, "--append", "hello", "--mem", "64M", "--serial", "file:"+logf)
+	data, _ := os.ReadFile(logf)
+	if code != 0 || stdout != "" || !strings.Contains(string(data), "hello") {
+		t.Fatalf("--serial file: status %d, stdout %q, file %q", code, stdout, data)
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want uint64
+		ok   bool
+	}{
+		{"512M", 512 << 20, true}, {"2G", 2 << 30, true}, {"64MiB", 64 << 20, true},
+		{"4096K", 4 << 20, true}, {"128", 128 << 20, true}, {"1gb", 1 << 30, true},
+		{"", 0, false}, {"0", 0, false}, {"-1M", 0, false}, {"12Q", 0, false}, {"99999999T", 0, false},
+	} {
+		got, err := parseSize(tc.in)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("parseSize(%q) = %d, %v", tc.in, got, err)
+		}
+	}
+}

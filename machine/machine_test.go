@@ -1,0 +1,202 @@
+package machine
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"collective/guest"
+	"collective/internal/testenv"
+	"collective/kvm/boot"
+)
+
+// syncBuffer is a console that tests read while the guest writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func guestELF(t *testing.T) string {
+	t.Helper()
+	testenv.RequireKVM(t)
+	testenv.RequireCommand(t, "gcc")
+	p, err := guest.Build()
+	if err != nil {
+		t.Fatalf("building the workload guest: %v", err)
+	}
+	return p
+}
+
+// boot builds and runs the workload guest with cmdline until it exits.
+func bootGuest(t *testing.T, cmdline string, cpus int, timeout time.Duration) (Exit, string) {
+	t.Helper()
+	elf := guestELF(t)
+	var console syncBuffer
+	m, err := New(Config{Kernel: elf, Cmdline: cmdline, MemSize: 128 << 20, CPUs: cpus, Console: &console})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	exit := m.Run(ctx)
+	if ctx.Err() != nil {
+		t.Fatalf("guest %q did not exit within %v; console:\n%s", cmdline, timeout, console.String())
+	}
+	return exit, console.String()
+}
+
+func TestGuestHello(t *testing.T) {
+	exit, out := bootGuest(t, "hello", 1, 20*time.Second)
+	if exit.Reason != ExitDebug || exit.Code != 0 {
+		t.Fatalf("exit %+v, want debug-exit 0; console:\n%s", exit, out)
+	}
+	if !strings.Contains(out, "collective-guest: hello") {
+		t.Fatalf("console lacks the hello line:\n%s", out)
+	}
+}
+
+func TestGuestExitCode(t *testing.T) {
+	// An unknown mode makes the guest exit with code 2.
+	exit, out := bootGuest(t, "no-such-mode", 1, 20*time.Second)
+	if exit.Reason != ExitDebug || exit.Code != 2 {
+		t.Fatalf("exit %+v, want debug-exit 2; console:\n%s", exit, out)
+	}
+}
+
+func TestGuestSMP(t *testing.T) {
+	exit, out := bootGuest(t, "smp 2", 2, 30*time.Second)
+	if exit.Reason != ExitDebug || exit.Code != 0 || !strings.Contains(out, "smp: 2 cpus up") {
+		t.Fatalf("exit %+v; console:\n%s", exit, out)
+	}
+}
+
+func TestGuestExits(t *testing.T) {
+	for _, kind := range []string{"port", "mmio"} {
+		t.Run(kind, func(t *testing.T) {
+			exit, out := bootGuest(t, "exits 10000 "+kind, 1, 30*time.Second)
+			if exit.Reason != ExitDebug || exit.Code != 0 || !strings.Contains(out, "exits: 10000") {
+				t.Fatalf("exit %+v; console:\n%s", exit, out)
+			}
+		})
+	}
+}
+
+func TestPauseResumeAndDirtyLog(t *testing.T) {
+	elf := guestELF(t)
+	var console syncBuffer
+	m, err := New(Config{Kernel: elf, Cmdline: "dirty 8M 0 3", MemSize: 128 << 20, CPUs: 1, Console: &console})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for i := 0; i < m.VM().NumSlots(); i++ {
+		if err := m.VM().SetDirtyLogging(i, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	done := make(chan Exit, 1)
+	go func() { done <- m.Run(ctx) }()
+
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(console.String(), "verified") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no verified pass; console:\n%s", console.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	m.VM().Pause()
+	v := m.VM().VCPUs()[0]
+	r1, err := v.Regs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	r2, _ := v.Regs()
+	if r1.RIP != r2.RIP || r1.RAX != r2.RAX {
+		t.Errorf("vCPU moved while paused: rip %#x -> %#x", r1.RIP, r2.RIP)
+	}
+	bm, err := m.VM().DirtyLog(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dirty := 0
+	for _, w := range bm {
+		for ; w != 0; w &= w - 1 {
+			dirty++
+		}
+	}
+	if dirty < 100 {
+		t.Errorf("KVM dirty log shows %d pages after the guest dirtied 8 MiB", dirty)
+	}
+	// Nothing runs while paused: a second log read is empty.
+	bm, _ = m.VM().DirtyLog(0)
+	for _, w := range bm {
+		if w != 0 {
+			t.Fatalf("pages dirtied while paused")
+		}
+	}
+	m.VM().Resume()
+	exit := <-done
+	if exit.Reason != ExitDebug || exit.Code != 0 {
+		t.Fatalf("exit %+v after resume; console:\n%s", exit, console.String())
+	}
+}
+
+func TestBadKernels(t *testing.T) {
+	testenv.RequireKVM(t)
+	dir := t.TempDir()
+	write := func(name string, data []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	for _, tc := range []struct {
+		name   string
+		cfg    Config
+		target error
+	}{
+		{"missing file", Config{Kernel: filepath.Join(dir, "nope"), MemSize: 64 << 20, CPUs: 1}, ErrConfig},
+		{"text file", Config{Kernel: write("txt", []byte("hello, world\n")), MemSize: 64 << 20, CPUs: 1}, boot.ErrUnknownKernel},
+		{"empty file", Config{Kernel: write("empty", nil), MemSize: 64 << 20, CPUs: 1}, boot.ErrUnknownKernel},
+		{"zero cpus", Config{Kernel: write("z", nil), MemSize: 64 << 20, CPUs: 0}, ErrConfig},
+		{"too little memory", Config{Kernel: write("z2", nil), MemSize: 1 << 20, CPUs: 1}, ErrConfig},
+		{"too many cpus", Config{Kernel: write("z3", nil), MemSize: 64 << 20, CPUs: 100000}, ErrConfig},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := New(tc.cfg)
+			if err == nil {
+				m.Close()
+				t.Fatal("New succeeded")
+			}
+			if !errors.Is(err, tc.target) || !errors.Is(err, ErrConfig) {
+				t.Fatalf("error %q does not match %v and ErrConfig", err, tc.target)
+			}
+			if strings.Contains(err.Error(), "\n") {
+				t.Errorf("error is not one line: %q", err)
+			}
+		})
+	}
+}
