@@ -1,6 +1,7 @@
 package machine
 
 import (
+	"encoding/binary"
 	"fmt"
 
 	"collective/kvm"
@@ -58,4 +59,33 @@ func setEntry(v *kvm.VCPU, e *boot.Entry) error {
 		return err
 	}
 	return v.SetRegs(regs)
+}
+
+// LAPIC register offsets and values for the firmware's "virtual wire"
+// set-up that PC firmware leaves behind (MP spec 3.6.2.2): the LAPIC
+// software-enabled, LINT0 in ExtINT mode (the 8259 PIC), LINT1 in NMI mode.
+const (
+	lapicSVR  = 0xf0
+	lapicLVT0 = 0x350
+	lapicLVT1 = 0x360
+
+	svrEnable   = 1 << 8
+	lvtExtINT   = 0x7 << 8
+	lvtNMI      = 0x4 << 8
+	spuriousVec = 0xff
+)
+
+// setVirtualWire programs v's LAPIC the way PC firmware leaves it.
+func setVirtualWire(v *kvm.VCPU) error {
+	l, err := v.LAPIC()
+	if err != nil {
+		return err
+	}
+	put := func(off int, val uint32) {
+		binary.LittleEndian.PutUint32(l.Regs[off:], val)
+	}
+	put(lapicSVR, svrEnable|spuriousVec)
+	put(lapicLVT0, lvtExtINT)
+	put(lapicLVT1, lvtNMI)
+	return v.SetLAPIC(l)
 }

@@ -231,6 +231,9 @@ func (m *Machine) build(kernel io.ReaderAt, ksize int64, initrd []byte) error {
 		if err := v.SetCPUID(ids); err != nil {
 			return err
 		}
+		if err := setVirtualWire(v); err != nil {
+			return err
+		}
 	}
 	return setEntry(m.vm.VCPUs()[0], entry)
 }
