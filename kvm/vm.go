@@ -60,20 +60,9 @@ func (s *System) NewVM(ram []guestmem.Range) (*VM, error) {
 }
 
 func (vm *VM) setup(ram []guestmem.Range) error {
-	if _, err := ioctl(vm.fd, kvmSetTSSAddr, TSSAddr); err != nil {
-		return fmt.Errorf("kvm: KVM_SET_TSS_ADDR: %w", err)
-	}
-	addr := uint64(IdentityMapAddr)
-	if err := ioctlPtr(vm.fd, kvmSetIdentityMapAddr, unsafe.Pointer(&addr)); err != nil {
-		return fmt.Errorf("kvm: KVM_SET_IDENTITY_MAP_ADDR: %w", err)
-	}
-	if _, err := ioctl(vm.fd, kvmCreateIRQChip, 0); err != nil {
-		return fmt.Errorf("kvm: KVM_CREATE_IRQCHIP: %w", err)
-	}
-	pit := pitConfig{Flags: pitSpeakerDummy}
-	if err := ioctlPtr(vm.fd, kvmCreatePIT2, unsafe.Pointer(&pit)); err != nil {
-		return fmt.Errorf("kvm: KVM_CREATE_PIT2: %w", err)
-	}
+	// Memory slots go first: registering a slot once the in-kernel
+	// irqchip exists costs milliseconds more (measured: 0.2 ms before,
+	// 6-7 ms after, for 128 MiB), which is most of a cold start.
 	var regions []guestmem.Region
 	for i, r := range ram {
 		host, err := unix.Mmap(-1, 0, int(r.Size), unix.PROT_READ|unix.PROT_WRITE,
@@ -95,6 +84,20 @@ func (vm *VM) setup(ram []guestmem.Range) error {
 		return err
 	}
 	vm.mem = mem
+	if _, err := ioctl(vm.fd, kvmSetTSSAddr, TSSAddr); err != nil {
+		return fmt.Errorf("kvm: KVM_SET_TSS_ADDR: %w", err)
+	}
+	addr := uint64(IdentityMapAddr)
+	if err := ioctlPtr(vm.fd, kvmSetIdentityMapAddr, unsafe.Pointer(&addr)); err != nil {
+		return fmt.Errorf("kvm: KVM_SET_IDENTITY_MAP_ADDR: %w", err)
+	}
+	if _, err := ioctl(vm.fd, kvmCreateIRQChip, 0); err != nil {
+		return fmt.Errorf("kvm: KVM_CREATE_IRQCHIP: %w", err)
+	}
+	pit := pitConfig{Flags: pitSpeakerDummy}
+	if err := ioctlPtr(vm.fd, kvmCreatePIT2, unsafe.Pointer(&pit)); err != nil {
+		return fmt.Errorf("kvm: KVM_CREATE_PIT2: %w", err)
+	}
 	return nil
 }
 
