@@ -102,22 +102,25 @@ type System struct {
 
 // Open opens /dev/kvm and checks the API version and every capability
 // Collective relies on. Its errors are one line, fit for a user.
-func Open() (*System, error) {
-	fd, err := unix.Open(DevicePath, unix.O_RDWR|unix.O_CLOEXEC, 0)
+func Open() (*System, error) { return OpenPath(DevicePath) }
+
+// OpenPath is Open for a KVM device node at another path.
+func OpenPath(path string) (*System, error) {
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		switch {
 		case errors.Is(err, unix.ENOENT):
-			return nil, fmt.Errorf("kvm: %s does not exist: this host has no KVM (load kvm_intel or kvm_amd, or enable virtualisation)", DevicePath)
+			return nil, fmt.Errorf("kvm: %s does not exist: this host has no KVM (load kvm_intel or kvm_amd, or enable virtualisation)", path)
 		case errors.Is(err, unix.EACCES), errors.Is(err, unix.EPERM):
-			return nil, fmt.Errorf("kvm: %s: permission denied (add yourself to the kvm group or run as root)", DevicePath)
+			return nil, fmt.Errorf("kvm: %s: permission denied (add yourself to the kvm group or run as root)", path)
 		}
-		return nil, fmt.Errorf("kvm: open %s: %w", DevicePath, err)
+		return nil, fmt.Errorf("kvm: open %s: %w", path, err)
 	}
 	s := &System{fd: fd, caps: map[Cap]int{}}
 	v, err := ioctl(fd, kvmGetAPIVersion, 0)
 	if err != nil {
 		s.Close()
-		return nil, fmt.Errorf("kvm: KVM_GET_API_VERSION: %w", err)
+		return nil, fmt.Errorf("kvm: %s is not a KVM device (KVM_GET_API_VERSION: %v)", path, err)
 	}
 	if v != apiVersion {
 		s.Close()
