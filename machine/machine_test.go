@@ -200,3 +200,23 @@ func TestBadKernels(t *testing.T) {
 		})
 	}
 }
+
+// TestGuestRTCDate: the guest reads the CMOS clock and gets the host's
+// time (UTC), as Linux's date must be right.
+func TestGuestRTCDate(t *testing.T) {
+	before := time.Now().UTC().Truncate(time.Second)
+	exit, out := bootGuest(t, "rtc", 1, 20*time.Second)
+	after := time.Now().UTC()
+	i := strings.Index(out, "rtc: ")
+	if exit.Reason != ExitDebug || exit.Code != 0 || i < 0 {
+		t.Fatalf("exit %+v; console:\n%s", exit, out)
+	}
+	line := strings.TrimSpace(strings.SplitN(out[i+5:], "\n", 2)[0])
+	got, err := time.Parse("2006-01-02 15:04:05", line)
+	if err != nil {
+		t.Fatalf("guest printed %q: %v", line, err)
+	}
+	if got.Before(before) || got.After(after) {
+		t.Fatalf("guest date %v, host between %v and %v", got, before, after)
+	}
+}

@@ -102,6 +102,41 @@ func TestRunGuestExitStatus(t *testing.T) {
 	}
 }
 
+// TestRunPipedInput drives the guest's serial input from a pipe, as
+// `printf 'uname -r\npoweroff\n' | collective run` drives a Linux shell:
+// every byte must arrive, however early it is written.
+func TestRunPipedInput(t *testing.T) {
+	testenv.RequireKVM(t)
+	testenv.RequireCommand(t, "gcc")
+	elf, err := guest.Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := binary(t)
+	var in strings.Builder
+	var want []string
+	for i := 0; i < 200; i++ {
+		line := strings.Repeat(string(rune('a'+i%26)), 1+i%60)
+		in.WriteString(line + "\n")
+		want = append(want, "echo: "+line)
+	}
+	in.WriteString("quit\n")
+	code, stdout, stderr := run(t, bin, in.String(), "run", "--kernel", elf, "--append", "echo", "--mem", "64M")
+	if code != 0 {
+		t.Fatalf("status %d\n%s\n%s", code, stdout, stderr)
+	}
+	got := strings.Split(strings.ReplaceAll(stdout, "\r", ""), "\n")
+	var echoed []string
+	for _, l := range got {
+		if strings.HasPrefix(l, "echo: ") && l != "echo: ready" && l != "echo: bye" {
+			echoed = append(echoed, l)
+		}
+	}
+	if strings.Join(echoed, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("echoed %d lines, want %d; output:\n%s", len(echoed), len(want), stdout)
+	}
+}
+
 func TestParseSize(t *testing.T) {
 	for _, tc := range []struct {
 		in   string

@@ -663,6 +663,84 @@ static int mode_fault(void)
 	return 1;
 }
 
+/* ---- echo: serial input ---- */
+
+/* echo reads lines from COM1 and prints each back as "echo: LINE"; the line
+ * "quit" ends it with exit code 0. It tests host input to the serial port.
+ * IER bit 0 tells the UART we listen (Collective's UART only takes host
+ * input then); OUT2 stays clear so no interrupt reaches the masked PIC. */
+static int mode_echo(void)
+{
+	char line[128];
+	int n = 0;
+	outb(COM1 + 2, 0x07); /* FCR: enable and reset the FIFOs */
+	outb(COM1 + 1, 0x01); /* IER: received data available (after the reset) */
+	puts_("echo: ready\n");
+	for (;;) {
+		while (!(inb(COM1 + 5) & 0x01))
+			cpu_relax();
+		char c = (char)inb(COM1);
+		if (c == '\r' || c == '\n') {
+			line[n] = 0;
+			if (n == 0)
+				continue;
+			if (streq(line, "quit")) {
+				puts_("echo: bye\n");
+				return 0;
+			}
+			puts_("echo: ");
+			puts_(line);
+			puts_("\n");
+			n = 0;
+		} else if (n < (int)sizeof(line) - 1) {
+			line[n++] = c;
+		}
+	}
+}
+
+/* ---- rtc: the CMOS clock ---- */
+
+static u8 cmos(u8 reg)
+{
+	outb(0x70, reg);
+	return inb(0x71);
+}
+
+static void put2(u32 v)
+{
+	serial_putc((char)('0' + v / 10 % 10));
+	serial_putc((char)('0' + v % 10));
+}
+
+/* rtc prints the CMOS date and time as "rtc: YYYY-MM-DD HH:MM:SS", read
+ * the way Linux reads it: wait for UIP to clear, then read the registers,
+ * decoding BCD unless register B says binary. */
+static int mode_rtc(void)
+{
+	for (int i = 0; i < 1000000 && (cmos(0x0a) & 0x80); i++)
+		cpu_relax();
+	u8 r[7] = {cmos(0x00), cmos(0x02), cmos(0x04), cmos(0x07), cmos(0x08), cmos(0x09), cmos(0x32)};
+	u8 b = cmos(0x0b);
+	for (int i = 0; i < 7; i++)
+		if (!(b & 0x04))
+			r[i] = (u8)((r[i] >> 4) * 10 + (r[i] & 15));
+	puts_("rtc: ");
+	put2(r[6]);
+	put2(r[5]);
+	serial_putc('-');
+	put2(r[4]);
+	serial_putc('-');
+	put2(r[3]);
+	serial_putc(' ');
+	put2(r[2]);
+	serial_putc(':');
+	put2(r[1]);
+	serial_putc(':');
+	put2(r[0]);
+	puts_("\n");
+	return 0;
+}
+
 /* ---- entry ---- */
 
 int guest_main(struct hvm_start_info *si);
@@ -688,7 +766,7 @@ int guest_main(struct hvm_start_info *si)
 	pic_mask();
 	split_cmdline();
 	if (argc == 0)
-		fail("no mode on the command line (hello, spin, dirty, exits, smp, fault)", 2);
+		fail("no mode on the command line (hello, spin, dirty, exits, smp, fault, echo, rtc)", 2);
 	const char *m = argv[0];
 	if (streq(m, "hello"))
 		return mode_hello();
@@ -702,8 +780,12 @@ int guest_main(struct hvm_start_info *si)
 		return mode_smp();
 	if (streq(m, "fault"))
 		return mode_fault();
+	if (streq(m, "echo"))
+		return mode_echo();
+	if (streq(m, "rtc"))
+		return mode_rtc();
 	puts_("collective-guest: unknown mode ");
 	puts_(m);
-	puts_(" (hello, spin, dirty, exits, smp, fault)\n");
+	puts_(" (hello, spin, dirty, exits, smp, fault, echo, rtc)\n");
 	return 2;
 }
