@@ -31,6 +31,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"collective/devices"
 	"collective/devices/bus"
 	"collective/devices/debugexit"
 	"collective/devices/i8042"
@@ -135,18 +136,6 @@ func badConfig(format string, a ...any) error {
 
 // New opens KVM, creates the VM and its devices and loads the kernel.
 func New(cfg Config) (*Machine, error) {
-	if cfg.Log == nil {
-		cfg.Log = slog.New(slog.DiscardHandler)
-	}
-	if cfg.Console == nil {
-		cfg.Console = io.Discard
-	}
-	if cfg.CPUs < 1 {
-		return nil, badConfig("machine: %d vCPUs: need at least 1", cfg.CPUs)
-	}
-	if cfg.MemSize < 16<<20 || cfg.MemSize%guestmem.PageSize != 0 {
-		return nil, badConfig("machine: memory size %d: need at least 16 MiB, a multiple of 4 KiB", cfg.MemSize)
-	}
 	kernel, err := os.Open(cfg.Kernel)
 	if err != nil {
 		return nil, badConfig("machine: kernel: %w", err)
@@ -162,7 +151,39 @@ func New(cfg Config) (*Machine, error) {
 			return nil, badConfig("machine: initrd: %w", err)
 		}
 	}
+	m, err := NewBare(cfg)
+	if err != nil {
+		return nil, err
+	}
+	entry, err := boot.Load(m.mem, kernel, kst.Size(), boot.Config{Cmdline: cfg.Cmdline, Initrd: initrd, CPUs: cfg.CPUs})
+	if err != nil {
+		m.Close()
+		return nil, &configError{err}
+	}
+	if err := setEntry(m.vm.VCPUs()[0], entry); err != nil {
+		m.Close()
+		return nil, err
+	}
+	return m, nil
+}
 
+// NewBare creates the VM, its devices and vCPUs in their reset state, with
+// no kernel loaded: the start of New, and of a restore from a snapshot,
+// which then sets every vCPU's and device's state. Config.Kernel,
+// Initrd and Cmdline are ignored.
+func NewBare(cfg Config) (*Machine, error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Console == nil {
+		cfg.Console = io.Discard
+	}
+	if cfg.CPUs < 1 {
+		return nil, badConfig("machine: %d vCPUs: need at least 1", cfg.CPUs)
+	}
+	if cfg.MemSize < 16<<20 || cfg.MemSize%guestmem.PageSize != 0 {
+		return nil, badConfig("machine: memory size %d: need at least 16 MiB, a multiple of 4 KiB", cfg.MemSize)
+	}
 	sys, err := kvm.Open()
 	if err != nil {
 		return nil, err
@@ -177,14 +198,17 @@ func New(cfg Config) (*Machine, error) {
 		return nil, err
 	}
 	m := &Machine{cfg: cfg, log: cfg.Log, sys: sys, vm: vm, mem: vm.Memory(), stopped: make(chan struct{})}
-	if err := m.build(kernel, kst.Size(), initrd); err != nil {
+	if err := m.build(); err != nil {
 		m.Close()
 		return nil, err
 	}
 	return m, nil
 }
 
-func (m *Machine) build(kernel io.ReaderAt, ksize int64, initrd []byte) error {
+// Config returns the configuration the machine was built with.
+func (m *Machine) Config() Config { return m.cfg }
+
+func (m *Machine) build() error {
 	m.Serial = serial.New(m.cfg.Console, m.vm.IRQLine(COM1IRQ))
 	m.RTC = rtc.New(nil)
 	m.I8042 = i8042.New(m.vm.IRQLine(KeyboardIRQ), m.vm.IRQLine(MouseIRQ), func() { m.finish(Exit{Reason: ExitReset}) })
@@ -192,10 +216,7 @@ func (m *Machine) build(kernel io.ReaderAt, ksize int64, initrd []byte) error {
 	for _, d := range []struct {
 		name       string
 		base, size uint64
-		dev        interface {
-			Read(uint64, []byte)
-			Write(uint64, []byte)
-		}
+		dev        devices.Device
 	}{
 		{"serial", COM1Base, serial.Size, m.Serial},
 		{"rtc", RTCBase, rtc.Size, m.RTC},
@@ -207,11 +228,6 @@ func (m *Machine) build(kernel io.ReaderAt, ksize int64, initrd []byte) error {
 		if err := m.pio.Insert(d.name, d.base, d.size, d.dev); err != nil {
 			return err
 		}
-	}
-
-	entry, err := boot.Load(m.mem, kernel, ksize, boot.Config{Cmdline: m.cfg.Cmdline, Initrd: initrd, CPUs: m.cfg.CPUs})
-	if err != nil {
-		return &configError{err}
 	}
 	var tscKHz uint32
 	for i := 0; i < m.cfg.CPUs; i++ {
@@ -235,7 +251,7 @@ func (m *Machine) build(kernel io.ReaderAt, ksize int64, initrd []byte) error {
 			return err
 		}
 	}
-	return setEntry(m.vm.VCPUs()[0], entry)
+	return nil
 }
 
 // sink ignores writes and reads as zero.
