@@ -54,6 +54,7 @@ type VCPU struct {
 	stop   atomic.Bool  // return from Run before the next KVM_RUN
 	resume chan struct{}
 	reqs   chan request
+	quit   chan struct{} // closed to end the thread
 	done   chan struct{} // closed when the thread exits
 
 	closeOnce sync.Once
@@ -70,7 +71,7 @@ func (vm *VM) NewVCPU(id int) (*VCPU, error) {
 	if max := vm.sys.MaxVCPUs(); id >= max {
 		return nil, fmt.Errorf("kvm: vCPU %d: this KVM offers at most %d vCPUs (KVM_CAP_NR_VCPUS)", id, max)
 	}
-	v := &VCPU{vm: vm, id: id, resume: make(chan struct{}, 1), reqs: make(chan request), done: make(chan struct{})}
+	v := &VCPU{vm: vm, id: id, resume: make(chan struct{}, 1), reqs: make(chan request), quit: make(chan struct{}), done: make(chan struct{})}
 	created := make(chan error)
 	go v.thread(created)
 	if err := <-created; err != nil {
@@ -107,8 +108,13 @@ func (v *VCPU) thread(created chan<- error) {
 	v.mem = mem
 	v.run = (*run)(unsafe.Pointer(&mem[0]))
 	created <- nil
-	for r := range v.reqs {
-		r.err <- r.f()
+	for {
+		select {
+		case r := <-v.reqs:
+			r.err <- r.f()
+		case <-v.quit:
+			return
+		}
 	}
 }
 
@@ -452,7 +458,7 @@ func (v *VCPU) close() error {
 			v.run = nil
 			return errors.Join(e1, e2)
 		})
-		close(v.reqs)
+		close(v.quit)
 		<-v.done
 	})
 	return err
