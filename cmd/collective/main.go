@@ -20,6 +20,7 @@ const usage = `collective: run virtual appliances on KVM
 Commands:
   run      boot a kernel with its serial console (collective run -h)
   bench    benchmarks against QEMU (collective bench -h)
+  image    build and list appliances (collective image build default, collective image ls)
 `
 
 func main() {
@@ -33,6 +34,8 @@ func main() {
 		code = runCmd(os.Args[2:])
 	case "bench":
 		code = benchCmd(os.Args[2:])
+	case "image":
+		code = imageCmd(os.Args[2:])
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 	default:
