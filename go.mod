@@ -4,5 +4,6 @@ go 1.26.0
 
 require (
 	github.com/google/go-cmp v0.7.0
-	golang.org/x/sys v0.50.0 // indirect
+	github.com/pierrec/lz4/v4 v4.1.33
+	golang.org/x/sys v0.50.0
 )

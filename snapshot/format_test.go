@@ -1,0 +1,284 @@
+package snapshot
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"collective/kvm"
+	"collective/kvm/boot"
+	"collective/kvm/guestmem"
+	"collective/machine"
+)
+
+const testMem = 32 << 20
+
+func fakeState(mem uint64) *machine.MachineState {
+	return &machine.MachineState{Version: machine.StateVersion, MemSize: mem, CPUs: 1,
+		VCPUs: []*kvm.VCPUState{{ID: 0}}, VM: &kvm.VMState{}}
+}
+
+func fakeMem(t testing.TB, mem uint64) *guestmem.Memory {
+	m, err := guestmem.NewFake(boot.RAMLayout(mem)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// scribble writes n pages at random (with some compressible and some
+// random content) and returns the dirty bitmap of the writes.
+func scribble(m *guestmem.Memory, rng *rand.Rand, n int) {
+	r := m.Regions()[0]
+	pages := int(r.Size() / pageSize)
+	for i := 0; i < n; i++ {
+		p := rng.IntN(pages)
+		page := r.Host[p*pageSize : (p+1)*pageSize]
+		switch rng.IntN(3) {
+		case 0:
+			for j := range page {
+				page[j] = byte(rng.Uint32())
+			}
+		case 1:
+			for j := range page {
+				page[j] = byte(p + j/64)
+			}
+		default:
+			clear(page)
+		}
+		m.MarkDirty(r.GPA+uint64(p)*pageSize, pageSize)
+	}
+}
+
+func sameMem(t *testing.T, what string, a, b *guestmem.Memory) {
+	t.Helper()
+	for i, r := range a.Regions() {
+		if !bytes.Equal(r.Host, b.Regions()[i].Host) {
+			for p := 0; p < len(r.Host); p += pageSize {
+				if !bytes.Equal(r.Host[p:p+pageSize], b.Regions()[i].Host[p:p+pageSize]) {
+					t.Fatalf("%s: region %d differs first at page %#x", what, i, p)
+				}
+			}
+		}
+	}
+}
+
+func open(t *testing.T, p string) *Snapshot {
+	t.Helper()
+	s, err := Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func TestRoundTrip(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	mem := fakeMem(t, testMem)
+	scribble(mem, rng, 2000)
+	dir := t.TempDir()
+	for _, raw := range []bool{false, true} {
+		p := filepath.Join(dir, "full")
+		if raw {
+			p += ".raw"
+		}
+		st, err := writeFile(p, writeSpec{mem: mem, state: fakeState(testMem), raw: raw})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := open(t, p)
+		if s.ID != st.ID || s.Kind != KindFull || s.RawImage() != raw || s.Pages() != st.Pages {
+			t.Fatalf("raw=%v: opened %+v, wrote %+v", raw, s, st)
+		}
+		img, err := ImageOf([]*Snapshot{s})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sameMem(t, "round trip", mem, img)
+		// Every stored page's hash is its content's.
+		s.PageHashes(func(gpa uint64, h []byte) {
+			var want [HashSize]byte
+			b, _ := mem.Slice(gpa, pageSize)
+			pageHash(want[:], b)
+			if !bytes.Equal(h, want[:]) {
+				t.Fatalf("hash of page %#x", gpa)
+			}
+		})
+	}
+}
+
+// chain writes a full snapshot and two incrementals of a changing memory.
+func chain(t *testing.T, dir string) (*guestmem.Memory, []string) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	mem := fakeMem(t, testMem)
+	scribble(mem, rng, 1500)
+	mem.Regions()[0].TakeDirty()
+	paths := []string{filepath.Join(dir, "0.snap"), filepath.Join(dir, "1.snap"), filepath.Join(dir, "2.snap")}
+	st, err := writeFile(paths[0], writeSpec{mem: mem, state: fakeState(testMem)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	parent := st.ID
+	for i := 1; i < 3; i++ {
+		scribble(mem, rng, 300)
+		dirty := [][]uint64{mem.Regions()[0].TakeDirty()}
+		st, err := writeFile(paths[i], writeSpec{mem: mem, dirty: dirty, state: fakeState(testMem), parent: parent, parentHint: filepath.Base(paths[i-1])})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Pages+st.ZeroPages > 300 || st.Pages+st.ZeroPages < 200 {
+			t.Errorf("incremental %d records %d+%d pages for 300 writes", i, st.Pages, st.ZeroPages)
+		}
+		parent = st.ID
+	}
+	return mem, paths
+}
+
+func TestChainEqualsMerge(t *testing.T) {
+	dir := t.TempDir()
+	mem, paths := chain(t, dir)
+	ch, err := OpenChain(paths[2])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, s := range ch {
+			s.Close()
+		}
+	}()
+	if len(ch) != 3 {
+		t.Fatalf("chain of %d", len(ch))
+	}
+	img, err := ImageOf(ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameMem(t, "chain", mem, img)
+	for _, raw := range []bool{false, true} {
+		out := filepath.Join(dir, "merged")
+		if _, err := Merge(out, ch, raw, nil); err != nil {
+			t.Fatal(err)
+		}
+		m := open(t, out)
+		img2, err := ImageOf([]*Snapshot{m})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sameMem(t, "merge", img, img2)
+	}
+	// A chain with a missing link is refused.
+	if _, err := OpenFiles([]string{paths[0], paths[2]}); !errors.Is(err, ErrParent) {
+		t.Fatalf("chain without its middle: %v", err)
+	}
+	if _, err := OpenFiles([]string{paths[1]}); !errors.Is(err, ErrParent) {
+		t.Fatalf("chain starting with an incremental: %v", err)
+	}
+}
+
+// TestCorruptAndTruncated flips a byte in each section, and cuts the file
+// at many lengths: every one is refused with a clear error.
+func TestCorruptAndTruncated(t *testing.T) {
+	dir := t.TempDir()
+	mem := fakeMem(t, testMem)
+	scribble(mem, rand.New(rand.NewPCG(5, 6)), 500)
+	for _, raw := range []bool{false, true} {
+		p := filepath.Join(dir, "s")
+		if _, err := writeFile(p, writeSpec{mem: mem, state: fakeState(testMem), raw: raw}); err != nil {
+			t.Fatal(err)
+		}
+		good, _ := os.ReadFile(p)
+		s := open(t, p)
+		h := s.h
+		lastChunk := s.chunks[len(s.chunks)-1]
+		for _, tc := range []struct {
+			name string
+			off  uint64
+			want string
+		}{
+			{"header", 30, "header checksum"},
+			{"state", h.stateOff + 10, "state section checksum"},
+			{"index", h.indexOff + 3, "index section checksum"},
+			{"data", h.dataOff + lastChunk.off + 5, "checksum"},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				bad := bytes.Clone(good)
+				bad[tc.off] ^= 0x40
+				q := filepath.Join(dir, "bad")
+				os.WriteFile(q, bad, 0o644)
+				s, err := Open(q)
+				if err == nil {
+					defer s.Close()
+					_, err = ImageOf([]*Snapshot{s})
+				}
+				if err == nil || !errors.Is(err, ErrFormat) || !strings.Contains(err.Error(), tc.want) {
+					t.Fatalf("flipped byte %#x (raw=%v): %v, want an ErrFormat about %q", tc.off, raw, err, tc.want)
+				}
+			})
+		}
+		for _, n := range []int{0, 7, 100, headerSize, int(h.stateOff) + 5, int(h.dataOff) + 1, len(good) / 2, len(good) - 1} {
+			q := filepath.Join(dir, "short")
+			os.WriteFile(q, good[:n], 0o644)
+			s, err := Open(q)
+			if err == nil {
+				s.Close()
+				t.Fatalf("a file cut to %d of %d bytes opened", n, len(good))
+			}
+			if !errors.Is(err, ErrFormat) {
+				t.Errorf("cut to %d: %v is not ErrFormat", n, err)
+			}
+		}
+	}
+}
+
+func TestVersionRefused(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "s")
+	if _, err := writeFile(p, writeSpec{mem: fakeMem(t, testMem), state: fakeState(testMem)}); err != nil {
+		t.Fatal(err)
+	}
+	good, _ := os.ReadFile(p)
+	for _, v := range [][3]uint16{{2, 0, 0}, {1, 1, 0}, {0, 9, 0}} {
+		bad := bytes.Clone(good)
+		binary.LittleEndian.PutUint16(bad[8:], v[0])
+		binary.LittleEndian.PutUint16(bad[10:], v[1])
+		binary.LittleEndian.PutUint32(bad[124:], crc(bad[:124]))
+		_, err := Decode(bytes.NewReader(bad), int64(len(bad)))
+		if !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), FormatVersion) {
+			t.Errorf("version %v: %v, want ErrVersion naming %s", v, err, FormatVersion)
+		}
+	}
+	// A newer patch version is read.
+	ok := bytes.Clone(good)
+	binary.LittleEndian.PutUint16(ok[12:], 9)
+	binary.LittleEndian.PutUint32(ok[124:], crc(ok[:124]))
+	if _, err := Decode(bytes.NewReader(ok), int64(len(ok))); err != nil {
+		t.Errorf("patch version 1.0.9: %v", err)
+	}
+}
+
+// TestGolden decodes the checked-in snapshot of format 1.0.0: a guard
+// against format changes that would strand existing files.
+func TestGolden(t *testing.T) {
+	p := filepath.Join("testdata", "golden-1.0.0.snap")
+	if os.Getenv("SNAPSHOT_UPDATE_GOLDEN") != "" {
+		mem := fakeMem(t, 16<<20)
+		scribble(mem, rand.New(rand.NewPCG(7, 8)), 40)
+		os.MkdirAll("testdata", 0o755)
+		if _, err := writeFile(p, writeSpec{mem: mem, state: fakeState(16 << 20)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := open(t, p)
+	if s.Version != "1.0.0" || s.Pages() == 0 {
+		t.Fatalf("golden: version %s, %d pages", s.Version, s.Pages())
+	}
+	if _, err := ImageOf([]*Snapshot{s}); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,429 @@
+package snapshot
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/bits"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/pierrec/lz4/v4"
+
+	"collective/kvm/guestmem"
+	"collective/machine"
+)
+
+// maxChain bounds how many parents OpenChain follows.
+const maxChain = 1024
+
+// Open opens a snapshot file and verifies its header, state and index.
+func Open(path string) (*Snapshot, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	s, err := Decode(f, st.Size())
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	s.Path, s.closer = path, f
+	return s, nil
+}
+
+// OpenChain opens path and, for an incremental snapshot, its parents by
+// their hints, back to a full snapshot. The chain is returned oldest
+// first and checked (CheckChain).
+func OpenChain(path string) ([]*Snapshot, error) {
+	var chain []*Snapshot
+	closeAll := func() {
+		for _, s := range chain {
+			s.Close()
+		}
+	}
+	for p := path; ; {
+		s, err := Open(p)
+		if err != nil {
+			closeAll()
+			return nil, err
+		}
+		chain = append([]*Snapshot{s}, chain...)
+		if s.Kind == KindFull {
+			break
+		}
+		if len(chain) >= maxChain {
+			closeAll()
+			return nil, fmt.Errorf("snapshot: %s: a chain of more than %d snapshots", path, maxChain)
+		}
+		if s.ParentHint == "" {
+			closeAll()
+			return nil, fmt.Errorf("snapshot: %s: incremental snapshot without a parent path; name the chain explicitly: %w", p, ErrParent)
+		}
+		next := s.ParentHint
+		if !filepath.IsAbs(next) {
+			next = filepath.Join(filepath.Dir(p), next)
+		}
+		p = next
+	}
+	if err := CheckChain(chain); err != nil {
+		closeAll()
+		return nil, err
+	}
+	return chain, nil
+}
+
+// OpenFiles opens the given files as a chain, oldest first.
+func OpenFiles(paths []string) ([]*Snapshot, error) {
+	var chain []*Snapshot
+	for _, p := range paths {
+		s, err := Open(p)
+		if err != nil {
+			for _, c := range chain {
+				c.Close()
+			}
+			return nil, err
+		}
+		chain = append(chain, s)
+	}
+	if err := CheckChain(chain); err != nil {
+		for _, c := range chain {
+			c.Close()
+		}
+		return nil, err
+	}
+	return chain, nil
+}
+
+// CheckChain checks that chain starts with a full snapshot and that each
+// later one is incremental with the one before as its parent, all of the
+// same machine shape.
+func CheckChain(chain []*Snapshot) error {
+	if len(chain) == 0 {
+		return errors.New("snapshot: empty chain")
+	}
+	if chain[0].Kind != KindFull {
+		return fmt.Errorf("snapshot: %s is incremental (parent %.16s…): the chain must start with a full snapshot: %w", name(chain[0]), chain[0].Parent, ErrParent)
+	}
+	for i := 1; i < len(chain); i++ {
+		c, p := chain[i], chain[i-1]
+		if c.Kind != KindIncremental {
+			return fmt.Errorf("snapshot: %s is a full snapshot in the middle of a chain: %w", name(c), ErrParent)
+		}
+		if c.Parent != p.ID {
+			return fmt.Errorf("snapshot: %s names parent %.16s…, but %s is %.16s…: %w", name(c), c.Parent, name(p), p.ID, ErrParent)
+		}
+		if c.MemSize() != p.MemSize() || c.State.CPUs != p.State.CPUs {
+			return fmt.Errorf("snapshot: %s and its parent %s describe different machines: %w", name(c), name(p), ErrParent)
+		}
+	}
+	return nil
+}
+
+func name(s *Snapshot) string {
+	if s.Path != "" {
+		return s.Path
+	}
+	return "snapshot " + s.ID.String()[:16]
+}
+
+// apply writes the snapshot's pages into regions (laid out as the
+// snapshot's): stored pages are copied in, zero-recorded pages cleared.
+// Every payload's checksum is verified before it is decoded; with
+// verifyHashes every page's content hash too. Chunks are decoded in
+// parallel.
+func (s *Snapshot) apply(regs []*guestmem.Region, verifyHashes bool, progress Progress) (int64, error) {
+	if err := s.checkRegions(regs); err != nil {
+		return 0, err
+	}
+	nw := runtime.GOMAXPROCS(0)
+	var next, read, done atomic.Int64
+	var firstErr error
+	var errOnce sync.Once
+	var failed atomic.Bool
+	fail := func(err error) {
+		errOnce.Do(func() { firstErr = err; failed.Store(true) })
+	}
+	var progMu sync.Mutex
+	total := uint64(len(s.chunks))
+	var wg sync.WaitGroup
+	for w := 0; w < nw; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			payload := make([]byte, lz4.CompressBlockBound(chunkBytes))
+			plain := make([]byte, chunkBytes)
+			for !failed.Load() {
+				i := int(next.Add(1) - 1)
+				if i >= len(s.chunks) {
+					return
+				}
+				n, err := s.applyChunk(&s.chunks[i], regs, payload, plain, verifyHashes)
+				if err != nil {
+					fail(err)
+					return
+				}
+				read.Add(n)
+				if d := done.Add(1); progress != nil && (d%256 == 0 || d == int64(total)) {
+					progMu.Lock()
+					progress(uint64(d)*chunkBytes, total*chunkBytes)
+					progMu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return read.Load(), firstErr
+}
+
+func (s *Snapshot) checkRegions(regs []*guestmem.Region) error {
+	if len(regs) != len(s.lay.regions) {
+		return fmt.Errorf("snapshot: %s: guest RAM has %d regions, the snapshot %d", name(s), len(regs), len(s.lay.regions))
+	}
+	for i, r := range regs {
+		if r.GPA != s.lay.regions[i].GPA || r.Size() != s.lay.regions[i].Size {
+			return fmt.Errorf("snapshot: %s: guest RAM region %d at %#x+%#x, the snapshot's at %#x+%#x", name(s), i, r.GPA, r.Size(), s.lay.regions[i].GPA, s.lay.regions[i].Size)
+		}
+	}
+	return nil
+}
+
+func (s *Snapshot) applyChunk(c *chunk, regs []*guestmem.Region, payload, plain []byte, verifyHashes bool) (int64, error) {
+	host := regs[c.regionIdx].Host
+	n := bits.OnesCount64(c.data)
+	dataOff := int64(s.h.dataOff + c.off)
+	var src []byte // the data pages, in mask order
+	var nread int64
+	switch c.enc {
+	case encImage:
+		// Read the chunk's whole span and check it before any use.
+		span := plain[:c.length]
+		if _, err := s.r.ReadAt(span, dataOff); err != nil {
+			return 0, fmt.Errorf("snapshot: %s: reading the memory image at GPA %#x: %w", name(s), c.gpa, err)
+		}
+		nread = int64(c.length)
+		if got := crc(span); got != c.crc {
+			return 0, formatErr(dataOff, "%s: memory image checksum %#08x at GPA %#x, computed %#08x: the file is corrupt", name(s), c.crc, c.gpa, got)
+		}
+		k := 0
+		for m := c.data; m != 0; m &= m - 1 {
+			i := bits.TrailingZeros64(m)
+			page := span[i*pageSize : (i+1)*pageSize]
+			if verifyHashes {
+				if err := s.checkHash(c, k, page); err != nil {
+					return 0, err
+				}
+			}
+			lo := c.regionOff + uint64(i)*pageSize
+			copy(host[lo:lo+pageSize], page)
+			k++
+		}
+		inside := uint64(1)<<(c.length/pageSize) - 1 // all ones for 64 pages
+		for m := ^c.data & inside; m != 0; m &= m - 1 {
+			i := bits.TrailingZeros64(m)
+			if !bytes.Equal(span[i*pageSize:(i+1)*pageSize], zeroPage) {
+				return 0, formatErr(dataOff, "%s: a page recorded as zero at GPA %#x is not", name(s), c.gpa+uint64(i)*pageSize)
+			}
+		}
+		return nread, nil
+	case encPlain, encLZ4:
+		p := payload[:c.length]
+		if _, err := s.r.ReadAt(p, dataOff); err != nil {
+			return 0, fmt.Errorf("snapshot: %s: reading the payload of GPA %#x: %w", name(s), c.gpa, err)
+		}
+		nread = int64(c.length)
+		if got := crc(p); got != c.crc {
+			return 0, formatErr(dataOff, "%s: payload checksum %#08x at GPA %#x, computed %#08x: the file is corrupt", name(s), c.crc, c.gpa, got)
+		}
+		if c.enc == encPlain {
+			src = p
+		} else {
+			k, err := lz4.UncompressBlock(p, plain[:n*pageSize])
+			if err != nil || k != n*pageSize {
+				return 0, formatErr(dataOff, "%s: lz4 payload at GPA %#x decodes to %d bytes, want %d (%v)", name(s), c.gpa, k, n*pageSize, err)
+			}
+			src = plain[:k]
+		}
+	default:
+		return 0, formatErr(dataOff, "unknown encoding %d", c.enc)
+	}
+	k := 0
+	for m := c.data; m != 0; m &= m - 1 {
+		i := bits.TrailingZeros64(m)
+		page := src[k*pageSize : (k+1)*pageSize]
+		if verifyHashes {
+			if err := s.checkHash(c, k, page); err != nil {
+				return 0, err
+			}
+		}
+		lo := c.regionOff + uint64(i)*pageSize
+		copy(host[lo:lo+pageSize], page)
+		k++
+	}
+	for m := c.zero; m != 0; m &= m - 1 {
+		lo := c.regionOff + uint64(bits.TrailingZeros64(m))*pageSize
+		clear(host[lo : lo+pageSize])
+	}
+	return nread, nil
+}
+
+func (s *Snapshot) checkHash(c *chunk, k int, page []byte) error {
+	var h [HashSize]byte
+	pageHash(h[:], page)
+	if !bytes.Equal(h[:], c.hashes[k*HashSize:(k+1)*HashSize]) {
+		return formatErr(int64(s.h.dataOff+c.off), "%s: page %d of the chunk at GPA %#x does not match its hash", name(s), k, c.gpa)
+	}
+	return nil
+}
+
+// VerifyImage checks every checksum of a raw memory image without
+// applying it (the file's pages land in the page cache).
+func (s *Snapshot) VerifyImage() error {
+	if !s.RawImage() {
+		return nil
+	}
+	nw := runtime.GOMAXPROCS(0)
+	var next atomic.Int64
+	errs := make([]error, nw)
+	var wg sync.WaitGroup
+	for w := 0; w < nw; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, chunkBytes)
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(s.chunks) || errs[w] != nil {
+					return
+				}
+				c := &s.chunks[i]
+				base := int64(s.h.dataOff + c.off)
+				span := buf[:c.length]
+				if _, err := s.r.ReadAt(span, base); err != nil {
+					errs[w] = fmt.Errorf("snapshot: %s: reading the memory image at GPA %#x: %w", name(s), c.gpa, err)
+					return
+				}
+				if crc(span) != c.crc {
+					errs[w] = formatErr(base, "%s: memory image checksum mismatch at GPA %#x: the file is corrupt", name(s), c.gpa)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// RestoreOptions tune a restore.
+type RestoreOptions struct {
+	// Lazy maps a raw memory image privately over guest RAM instead of
+	// reading it: pages are read when the guest touches them.
+	Lazy bool
+	// Trust skips the raw image's checksums on the lazy path, so that
+	// nothing is read before the guest runs. Only for files this host
+	// wrote and kept.
+	Trust bool
+	// VerifyHashes checks every page against its content hash.
+	VerifyHashes bool
+	// Progress, when set, is told how far the memory restore is.
+	Progress Progress
+}
+
+// Restore builds a machine from a chain (oldest first; one full snapshot
+// then its incrementals) with the last snapshot's state and the merged
+// memory. The machine is ready to Run. On error no machine is left.
+func Restore(chain []*Snapshot, cfg machine.Config, opts RestoreOptions) (*machine.Machine, *Stats, error) {
+	start := time.Now()
+	if err := CheckChain(chain); err != nil {
+		return nil, nil, err
+	}
+	last := chain[len(chain)-1]
+	base := chain[0]
+	if base.RawImage() && opts.Lazy && !opts.Trust {
+		if err := base.VerifyImage(); err != nil {
+			return nil, nil, err
+		}
+	}
+	m, err := machine.Restore(cfg, last.State)
+	if err != nil {
+		return nil, nil, err
+	}
+	stats := &Stats{MemBytes: last.MemSize(), ID: last.ID}
+	for i, s := range chain {
+		stats.Pages += s.pages
+		stats.ZeroPages += s.zeros
+		stats.Chunks += len(s.chunks)
+		if i == 0 && s.RawImage() && opts.Lazy {
+			if err := s.mapImage(m); err != nil {
+				m.Close()
+				return nil, nil, err
+			}
+			continue
+		}
+		n, err := s.apply(m.Memory().Regions(), opts.VerifyHashes, opts.Progress)
+		stats.Bytes += n
+		if err != nil {
+			m.Close()
+			return nil, nil, err
+		}
+	}
+	stats.Duration = time.Since(start)
+	return m, stats, nil
+}
+
+// mapImage maps the raw image's regions over the machine's guest RAM.
+func (s *Snapshot) mapImage(m *machine.Machine) error {
+	f, ok := s.closer.(*os.File)
+	if !ok {
+		return fmt.Errorf("snapshot: %s: a lazy restore needs a file", name(s))
+	}
+	if err := s.checkRegions(m.Memory().Regions()); err != nil {
+		return err
+	}
+	for i := range s.lay.regions {
+		if err := m.VM().MapFile(i, f, int64(s.h.dataOff+s.lay.offsets[i])); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Merge flattens a chain into one full snapshot at out: restoring it
+// equals restoring the chain. raw writes a raw memory image.
+func Merge(out string, chain []*Snapshot, raw bool, progress Progress) (*Stats, error) {
+	if err := CheckChain(chain); err != nil {
+		return nil, err
+	}
+	last := chain[len(chain)-1]
+	mem, err := ImageOf(chain)
+	if err != nil {
+		return nil, err
+	}
+	return writeFile(out, writeSpec{mem: mem, state: last.State, raw: raw, progress: progress})
+}
+
+// ImageOf returns the guest memory a chain describes, in host memory.
+func ImageOf(chain []*Snapshot) (*guestmem.Memory, error) {
+	if err := CheckChain(chain); err != nil {
+		return nil, err
+	}
+	mem, err := guestmem.NewFake(chain[0].lay.regions...)
+	if err != nil {
+		return nil, err
+	}
+	for _, s := range chain {
+		if _, err := s.apply(mem.Regions(), false, nil); err != nil {
+			return nil, err
+		}
+	}
+	return mem, nil
+}

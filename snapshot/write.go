@@ -1,0 +1,324 @@
+package snapshot
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"hash/crc32"
+	"math/bits"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/pierrec/lz4/v4"
+
+	"collective/kvm/guestmem"
+	"collective/machine"
+)
+
+// Stats are the figures of a snapshot write or restore.
+type Stats struct {
+	// Bytes is the file size (write) or the bytes read (restore).
+	Bytes int64
+	// MemBytes is the guest RAM covered.
+	MemBytes uint64
+	// Pages is the number of pages stored (write) or restored.
+	Pages int
+	// ZeroPages is the number of pages recorded as zero (incremental).
+	ZeroPages int
+	// Chunks is the number of index entries.
+	Chunks int
+	// Duration is the wall time of the operation.
+	Duration time.Duration
+	// ID is the snapshot's ID (write).
+	ID ID
+}
+
+func (s *Stats) String() string {
+	return fmt.Sprintf("%d pages (%.1f MiB) in %.1f MiB, %d zero pages recorded, %v",
+		s.Pages, float64(s.Pages)*pageSize/(1<<20), float64(s.Bytes)/(1<<20), s.ZeroPages, s.Duration.Round(time.Microsecond))
+}
+
+// Progress receives how much of an operation is done, in bytes of guest
+// memory out of total. It is called from one goroutine at a time.
+type Progress func(done, total uint64)
+
+// writeSpec says what to write.
+type writeSpec struct {
+	mem        *guestmem.Memory
+	dirty      [][]uint64 // per region; nil for a full snapshot
+	state      *machine.MachineState
+	parent     ID
+	parentHint string
+	raw        bool
+	progress   Progress
+}
+
+// batchChunks is how many chunks are processed in parallel before their
+// payloads are written in order.
+const batchChunks = 64
+
+type work struct {
+	region int
+	off    uint64 // of the chunk in the region
+	gpa    uint64
+	cand   uint64 // pages to consider (dirty, and inside the region)
+}
+
+type result struct {
+	c       chunk
+	payload []byte
+}
+
+var zeroPage = make([]byte, pageSize)
+
+// writeFile writes a snapshot to path atomically (a temporary file renamed
+// into place).
+func writeFile(path string, sp writeSpec) (*Stats, error) {
+	start := time.Now()
+	st := sp.state
+	lay := newLayout(st.MemSize)
+	regs := sp.mem.Regions()
+	if len(regs) != len(lay.regions) {
+		return nil, fmt.Errorf("snapshot: memory has %d regions, the layout of %d bytes %d", len(regs), st.MemSize, len(lay.regions))
+	}
+	for i, r := range regs {
+		if r.GPA != lay.regions[i].GPA || r.Size() != lay.regions[i].Size {
+			return nil, fmt.Errorf("snapshot: memory region %d at %#x+%#x, want %+v", i, r.GPA, r.Size(), lay.regions[i])
+		}
+	}
+	if sp.dirty != nil && sp.raw {
+		return nil, fmt.Errorf("snapshot: an incremental snapshot cannot be a raw image")
+	}
+	var ws []work
+	var total uint64
+	for ri, r := range regs {
+		for off := uint64(0); off < r.Size(); off += chunkBytes {
+			n := min(ChunkPages, (r.Size()-off)/pageSize)
+			cand := uint64(1)<<n - 1
+			if n == 64 {
+				cand = ^uint64(0)
+			}
+			if sp.dirty != nil {
+				w := off / chunkBytes
+				if int(w) >= len(sp.dirty[ri]) {
+					continue
+				}
+				cand &= sp.dirty[ri][w]
+			}
+			if cand != 0 {
+				ws = append(ws, work{ri, off, r.GPA + off, cand})
+				total += uint64(bits.OnesCount64(cand)) * pageSize
+			}
+		}
+	}
+
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	fs := fileState{Machine: st, Regions: lay.regions, Parent: sp.parentHint, Created: time.Now().UTC()}
+	sb, err := json.Marshal(&fs)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot: encoding the state: %w", err)
+	}
+	if len(sb) > MaxStateSize {
+		return nil, fmt.Errorf("snapshot: state of %d bytes exceeds the limit of %d", len(sb), MaxStateSize)
+	}
+	h := header{major: formatMajor, minor: formatMinor, patch: formatPatch, kind: KindFull,
+		memSize: st.MemSize, parent: sp.parent, stateOff: headerSize, stateLen: uint64(len(sb)), stateCRC: crc(sb)}
+	if sp.dirty != nil {
+		h.kind = KindIncremental
+	}
+	h.dataOff = h.stateOff + h.stateLen
+	if sp.raw {
+		h.flags |= flagRawImage
+		h.dataOff = (h.dataOff + pageSize - 1) &^ (pageSize - 1)
+		h.dataLen = st.MemSize
+	}
+	bw := bufio.NewWriterSize(f, 1<<20)
+	bw.Write(make([]byte, headerSize)) // rewritten at the end
+	bw.Write(sb)
+	if err := bw.Flush(); err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	if _, err := f.Seek(int64(h.dataOff), 0); err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	bw.Reset(f)
+
+	var index bytes.Buffer
+	stats := &Stats{MemBytes: st.MemSize}
+	nw := runtime.GOMAXPROCS(0)
+	bufs := make([][]byte, batchChunks)
+	for i := range bufs {
+		bufs[i] = make([]byte, lz4.CompressBlockBound(chunkBytes)+chunkBytes)
+	}
+	results := make([]result, batchChunks)
+	var dataPos uint64
+	var done uint64
+	for b := 0; b < len(ws); b += batchChunks {
+		batch := ws[b:min(b+batchChunks, len(ws))]
+		var wg sync.WaitGroup
+		for w := 0; w < nw; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				var c lz4.Compressor
+				for i := w; i < len(batch); i += nw {
+					results[i] = encodeChunk(regs[batch[i].region].Host, batch[i], sp.raw, sp.dirty != nil, bufs[i], &c)
+				}
+			}()
+		}
+		wg.Wait()
+		for i, wk := range batch {
+			r := &results[i]
+			done += uint64(bits.OnesCount64(wk.cand)) * pageSize
+			if r.c.data|r.c.zero == 0 && !sp.raw {
+				continue
+			}
+			if sp.raw {
+				r.c.off = lay.offsets[wk.region] + wk.off
+				host := regs[wk.region].Host
+				// Write runs of data pages at their place; zero pages
+				// stay holes.
+				for m := r.c.data; m != 0; {
+					i0 := bits.TrailingZeros64(m)
+					run := bits.TrailingZeros64(^(m >> i0))
+					lo := wk.off + uint64(i0)*pageSize
+					if _, err := f.WriteAt(host[lo:lo+uint64(run)*pageSize], int64(h.dataOff+r.c.off)+int64(i0)*pageSize); err != nil {
+						return nil, fmt.Errorf("snapshot: %w", err)
+					}
+					if i0+run >= 64 {
+						break
+					}
+					m &^= (uint64(1)<<run - 1) << i0
+				}
+			} else {
+				r.c.off = dataPos
+				if _, err := bw.Write(r.payload); err != nil {
+					return nil, fmt.Errorf("snapshot: %w", err)
+				}
+				dataPos += uint64(len(r.payload))
+			}
+			r.c.marshal(&index)
+			stats.Pages += bits.OnesCount64(r.c.data)
+			stats.ZeroPages += bits.OnesCount64(r.c.zero)
+			stats.Chunks++
+		}
+		if sp.progress != nil {
+			sp.progress(done, total)
+		}
+	}
+	if !sp.raw {
+		if err := bw.Flush(); err != nil {
+			return nil, fmt.Errorf("snapshot: %w", err)
+		}
+		h.dataLen = dataPos
+	}
+	ib := index.Bytes()
+	h.indexOff = h.dataOff + h.dataLen
+	h.indexLen = uint64(len(ib))
+	h.indexCRC = crc(ib)
+	if _, err := f.WriteAt(ib, int64(h.indexOff)); err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	if _, err := f.WriteAt(h.marshal(), 0); err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	ok = true
+	stats.Bytes = int64(h.indexOff + h.indexLen)
+	stats.ID = computeID(sb, ib, sp.parent)
+	stats.Duration = time.Since(start)
+	return stats, nil
+}
+
+// encodeChunk finds the chunk's non-zero candidate pages, hashes them, and
+// (unless raw) gathers and compresses them into buf.
+func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4.Compressor) result {
+	var r result
+	r.c.gpa = wk.gpa
+	plain := buf[:0]
+	crcAcc := uint32(0)
+	var hashes []byte
+	for m := wk.cand; m != 0; m &= m - 1 {
+		i := bits.TrailingZeros64(m)
+		lo := wk.off + uint64(i)*pageSize
+		page := host[lo : lo+pageSize]
+		if bytes.Equal(page, zeroPage) {
+			if incremental {
+				r.c.zero |= 1 << i
+			}
+			if raw {
+				crcAcc = crc32.Update(crcAcc, castagnoli, zeroPage)
+			}
+			continue
+		}
+		r.c.data |= 1 << i
+		var hsum [HashSize]byte
+		pageHash(hsum[:], page)
+		hashes = append(hashes, hsum[:]...)
+		if raw {
+			crcAcc = crc32.Update(crcAcc, castagnoli, page)
+		} else {
+			plain = append(plain, page...)
+		}
+	}
+	r.c.hashes = hashes
+	if raw {
+		r.c.enc = encImage
+		r.c.crc = crcAcc
+		inside := wk.cand // pages inside the region: the full span for a full snapshot
+		r.c.length = uint32(bits.Len64(inside)) * pageSize
+		return r
+	}
+	if r.c.data == 0 {
+		return r
+	}
+	dst := buf[len(plain):cap(buf)]
+	n, err := c.CompressBlock(plain, dst)
+	if err == nil && n > 0 && n < len(plain) {
+		r.c.enc, r.payload = encLZ4, dst[:n]
+	} else {
+		r.c.enc, r.payload = encPlain, plain
+	}
+	r.c.length = uint32(len(r.payload))
+	r.c.crc = crc(r.payload)
+	return r
+}
+
+// parentHint returns parent's path relative to child's directory when
+// that is possible, else its absolute path.
+func parentHint(child, parent string) string {
+	if parent == "" {
+		return ""
+	}
+	abs, err := filepath.Abs(parent)
+	if err != nil {
+		return parent
+	}
+	cabs, err := filepath.Abs(filepath.Dir(child))
+	if err == nil {
+		if rel, err := filepath.Rel(cabs, abs); err == nil {
+			return rel
+		}
+	}
+	return abs
+}
