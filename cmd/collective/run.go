@@ -15,6 +15,7 @@ import (
 
 	"collective/internal/term"
 	"collective/machine"
+	"collective/snapshot"
 )
 
 // escapeKey is Ctrl-A: Ctrl-A x quits, Ctrl-A Ctrl-A sends a Ctrl-A.
@@ -30,6 +31,7 @@ func runCmd(args []string) int {
 	cpus := fs.Int("cpus", 1, "number of vCPUs")
 	serialTo := fs.String("serial", "stdio", "serial console: stdio, file:PATH or none")
 	verbose := fs.Bool("v", false, "log VMM events to stderr")
+	apiPath := fs.String("api", "", "serve the control API (pause, resume, snapshot) on this Unix socket")
 	fs.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: collective run --kernel FILE [flags]\n\nOn a terminal, Ctrl-A x quits and Ctrl-A Ctrl-A sends Ctrl-A.\n\n")
 		fs.PrintDefaults()
@@ -89,6 +91,14 @@ func runCmd(args []string) int {
 		return 1
 	}
 	defer m.Close()
+	if *apiPath != "" {
+		_, stop, err := startAPI(m, snapshot.NewSession(m), *apiPath, log)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "collective run: %v\n", err)
+			return 1
+		}
+		defer stop()
+	}
 
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
