@@ -1,0 +1,89 @@
+#!/bin/busybox sh
+# /init of the nested test host (L1), written by package nested.
+# ttyS0 is the console (kernel messages, console jobs), ttyS1 the control
+# channel: the host sends "RUN|CON <id> <bytes> <timeout-s> [tty|raw]\n"
+# and the script's bytes; this loop runs the script and answers
+# "\n@@NESTED-EXIT <id> <status> ok|timeout@@" (no newline after).
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/bin:/sbin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /tmp /run /host /root
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmp /tmp
+
+# Both serial ports stay open for L1's life: a port nobody holds open
+# drops what the host sends, and opening it again resets its FIFOs.
+exec 3<>/dev/ttyS1 4<>/dev/ttyS0
+stty raw -echo <&3
+say() { printf '\n@@NESTED-%s@@' "$*" >&3; }
+
+while read -r m; do
+	insmod "/lib/modules/$m" 2>/tmp/insmod.err || say "WARN insmod $m: $(cat /tmp/insmod.err)"
+done </etc/nested/modules
+if [ ! -c /dev/kvm ]; then
+	say "FAIL no /dev/kvm: $(grep -c svm /proc/cpuinfo) CPUs with svm; $(dmesg | grep -i -e kvm -e svm | tail -n 3 | tr '\n' ' ')"
+	poweroff -f
+fi
+chmod 666 /dev/kvm
+workdir=/
+if [ -e /etc/nested/share ]; then
+	if mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 host /host 2>/tmp/mount.err; then
+		workdir=/host
+	else
+		say "WARN mount /host: $(cat /tmp/mount.err)"
+	fi
+fi
+ip link set lo up 2>/dev/null
+
+say "READY $(cut -d' ' -f1 /proc/uptime)"
+
+# job runs its arguments (setsid ...) in the background with stdin from
+# fd 6 (a background command's own stdin would be /dev/null), kills their
+# session after $t seconds, and sets st (the exit status) and flag.
+job() {
+	rm -f /tmp/timedout
+	cd "$workdir"
+	"$@" <&6 6<&- &
+	pid=$!
+	( sleep "$t"; touch /tmp/timedout; kill -KILL -"$pid" ) 2>/dev/null &
+	wd=$!
+	wait "$pid"
+	st=$?
+	kill "$wd" 2>/dev/null
+	kill -KILL -"$pid" 2>/dev/null
+	cd /
+	flag=ok
+	[ -e /tmp/timedout ] && flag=timeout
+}
+
+while read -r verb id n t mode <&3; do
+	head -c "$n" <&3 >/tmp/job.sh
+	case $verb in
+	RUN)
+		job setsid sh /tmp/job.sh 6</dev/null >&3 2>&3
+		;;
+	CON)
+		if [ "$mode" = raw ]; then stty raw -echo <&4; else stty sane <&4; fi
+		say "STARTED $id"
+		# ttyS0 becomes the script's controlling terminal (Ctrl-C works in a
+		# shell); when the session leader exits the kernel hangs it up and
+		# drops output not sent yet, so the leader waits for the output to
+		# drain first (stty sets the mode with TCSADRAIN).
+		job setsid -c sh -c 'sh /tmp/job.sh; st=$?; stty "$(stty -g)"; exit $st' 6</dev/ttyS0 >/dev/ttyS0 2>&1
+		# The session leader's exit hung up ttyS0 (its controlling
+		# terminal): open it again.
+		exec 4<>/dev/ttyS0
+		stty sane <&4
+		printf '@@NESTED-END %s@@' "$id" >&4
+		;;
+	*)
+		st=127 flag=ok
+		echo "nested: unknown verb $verb" >&3
+		;;
+	esac
+	say "EXIT $id $st $flag"
+done
+say "FAIL control channel closed"
+poweroff -f
