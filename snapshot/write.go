@@ -322,3 +322,19 @@ func parentHint(child, parent string) string {
 	}
 	return abs
 }
+
+// WriteFull writes a full snapshot of mem (laid out as boot.RAMLayout of
+// st.MemSize) with state st: for tools and tests that hold memory
+// themselves; a running machine's snapshots go through a Session.
+func WriteFull(path string, mem *guestmem.Memory, st *machine.MachineState, raw bool) (*Stats, error) {
+	return writeFile(path, writeSpec{mem: mem, state: st, raw: raw})
+}
+
+// WriteIncremental writes an incremental snapshot of the pages of mem
+// marked in dirty (one bitmap per region), as a child of parent.
+func WriteIncremental(path string, mem *guestmem.Memory, dirty [][]uint64, st *machine.MachineState, parent *Snapshot) (*Stats, error) {
+	if len(dirty) != len(mem.Regions()) {
+		return nil, fmt.Errorf("snapshot: %d dirty bitmaps for %d regions", len(dirty), len(mem.Regions()))
+	}
+	return writeFile(path, writeSpec{mem: mem, dirty: dirty, state: st, parent: parent.ID, parentHint: parentHint(path, parent.Path)})
+}
