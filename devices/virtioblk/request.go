@@ -1,0 +1,246 @@
+package virtioblk
+
+import (
+	"encoding/binary"
+
+	"collective/devices/virtio"
+)
+
+// header is struct virtio_blk_req's header, copied out of guest memory.
+type header struct {
+	typ    uint32
+	sector uint64
+}
+
+// segment is struct virtio_blk_discard_write_zeroes.
+type segment struct {
+	sector     uint64
+	numSectors uint32
+	flags      uint32
+}
+
+// span walks a list of descriptors as one byte stream.
+type span struct {
+	descs []virtio.Desc
+	skip  uint64 // bytes to skip at the start
+	limit uint64 // bytes to visit after the skip
+}
+
+// each calls fn for every piece of the stream, in order, until fn fails.
+func (s span) each(fn func(addr, n uint64) bool) bool {
+	skip, left := s.skip, s.limit
+	for _, d := range s.descs {
+		if left == 0 {
+			break
+		}
+		l := uint64(d.Len)
+		if skip >= l {
+			skip -= l
+			continue
+		}
+		n := min(l-skip, left)
+		if !fn(d.Addr+skip, n) {
+			return false
+		}
+		skip, left = 0, left-n
+	}
+	return true
+}
+
+// read copies the first len(p) bytes of s into p.
+func (b *Block) read(r *runState, s span, p []byte) bool {
+	s.limit = uint64(len(p))
+	done := uint64(0)
+	return s.each(func(addr, n uint64) bool {
+		_, err := r.mem.ReadAt(p[done:done+n], addr)
+		done += n
+		return err == nil
+	})
+}
+
+// handle serves one request and returns the number of bytes written into
+// the chain's device-writable buffers (the used length).
+func (b *Block) handle(r *runState, req *request) uint32 {
+	c := req.chain
+	w := c.Writable()
+	// A request needs a 16-byte header and a status byte that is the
+	// last byte of the device-writable part.
+	if c.ReadLen < headerSize || c.WriteLen < 1 || w[len(w)-1].Len == 0 {
+		b.Metrics.Malformed.Add(1)
+		return 0
+	}
+	last := w[len(w)-1]
+	statusAddr := last.Addr + uint64(last.Len) - 1
+	readable := span{descs: c.Readable(), skip: headerSize, limit: c.ReadLen - headerSize}
+	writable := span{descs: w, limit: c.WriteLen - 1}
+
+	var raw [headerSize]byte
+	if !b.read(r, span{descs: c.Readable()}, raw[:]) {
+		b.Metrics.Malformed.Add(1)
+		return 0
+	}
+	h := header{typ: binary.LittleEndian.Uint32(raw[0:]), sector: binary.LittleEndian.Uint64(raw[8:])}
+
+	status, written := b.serve(r, req, h, readable, writable)
+	if _, err := r.mem.WriteAt([]byte{status}, statusAddr); err != nil {
+		b.Metrics.Malformed.Add(1)
+		return 0
+	}
+	return uint32(written + 1)
+}
+
+// inRange reports whether n bytes at sector lie within the capacity.
+func (b *Block) inRange(sector, n uint64) bool {
+	return sector <= b.capacity && n/SectorSize <= b.capacity-sector && n%SectorSize == 0
+}
+
+func (b *Block) serve(r *runState, req *request, h header, readable, writable span) (status uint8, written uint64) {
+	switch h.typ {
+	case TypeIn:
+		b.Metrics.Reads.Add(1)
+		n := writable.limit
+		if !b.inRange(h.sector, n) {
+			b.Metrics.BadRequests.Add(1)
+			return StatusIOErr, 0
+		}
+		off := int64(h.sector * SectorSize)
+		ok := writable.each(func(addr, k uint64) bool {
+			dst, err := r.mem.WriteSlice(addr, k)
+			if err != nil {
+				return false
+			}
+			if _, err := b.be.ReadAt(dst, off); err != nil {
+				return false
+			}
+			off += int64(k)
+			return true
+		})
+		if !ok {
+			b.Metrics.IOErrors.Add(1)
+			return StatusIOErr, 0
+		}
+		b.Metrics.BytesRead.Add(n)
+		return StatusOK, n
+
+	case TypeOut:
+		b.Metrics.Writes.Add(1)
+		n := readable.limit
+		if b.ro || !b.inRange(h.sector, n) {
+			b.Metrics.BadRequests.Add(1)
+			return StatusIOErr, 0
+		}
+		off := int64(h.sector * SectorSize)
+		// TOCTOU: the guest may change the buffer during the write;
+		// the disk then holds what it left there.
+		ok := readable.each(func(addr, k uint64) bool {
+			src, err := r.mem.Slice(addr, k)
+			if err != nil {
+				return false
+			}
+			if _, err := b.be.WriteAt(src, off); err != nil {
+				return false
+			}
+			off += int64(k)
+			return true
+		})
+		if !ok {
+			b.Metrics.IOErrors.Add(1)
+			return StatusIOErr, 0
+		}
+		b.Metrics.BytesWritten.Add(n)
+		return StatusOK, 0
+
+	case TypeFlush:
+		b.Metrics.Flushes.Add(1)
+		if err := b.be.Sync(); err != nil {
+			b.Metrics.IOErrors.Add(1)
+			return StatusIOErr, 0
+		}
+		return StatusOK, 0
+
+	case TypeGetID:
+		b.Metrics.GetIDs.Add(1)
+		n := min(writable.limit, SerialLen)
+		done := uint64(0)
+		writable.limit = n
+		ok := writable.each(func(addr, k uint64) bool {
+			_, err := r.mem.WriteAt(b.serial[done:done+k], addr)
+			done += k
+			return err == nil
+		})
+		if !ok {
+			return StatusIOErr, 0
+		}
+		return StatusOK, n
+
+	case TypeDiscard, TypeWriteZeroes:
+		if h.typ == TypeDiscard {
+			b.Metrics.Discards.Add(1)
+		} else {
+			b.Metrics.WriteZeroes.Add(1)
+		}
+		feature := uint64(FDiscard)
+		if h.typ == TypeWriteZeroes {
+			feature = FWriteZeroes
+		}
+		if b.ro {
+			b.Metrics.BadRequests.Add(1)
+			return StatusIOErr, 0
+		}
+		if r.features&feature == 0 {
+			b.Metrics.Unsupported.Add(1)
+			return StatusUnsupp, 0
+		}
+		return b.discard(r, req, h.typ, readable), 0
+	}
+	b.Metrics.Unsupported.Add(1)
+	return StatusUnsupp, 0
+}
+
+// discard serves DISCARD and WRITE_ZEROES: all segments are copied and
+// checked before any is executed.
+func (b *Block) discard(r *runState, req *request, typ uint32, readable span) uint8 {
+	n := readable.limit
+	if n == 0 || n%segmentSize != 0 || n/segmentSize > MaxSegments {
+		b.Metrics.BadRequests.Add(1)
+		return StatusIOErr
+	}
+	count := int(n / segmentSize)
+	var segs [MaxSegments]segment
+	for i := range count {
+		sp := readable
+		sp.skip += uint64(i) * segmentSize
+		if !b.read(r, sp, req.segs[i][:]) {
+			b.Metrics.BadRequests.Add(1)
+			return StatusIOErr
+		}
+		raw := req.segs[i][:]
+		segs[i] = segment{binary.LittleEndian.Uint64(raw[0:]), binary.LittleEndian.Uint32(raw[8:]), binary.LittleEndian.Uint32(raw[12:])}
+		s := segs[i]
+		if s.flags&^flagUnmap != 0 || (typ == TypeDiscard && s.flags != 0) {
+			b.Metrics.Unsupported.Add(1)
+			return StatusUnsupp
+		}
+		if s.numSectors > MaxDiscardSectors || !b.inRange(s.sector, uint64(s.numSectors)*SectorSize) {
+			b.Metrics.BadRequests.Add(1)
+			return StatusIOErr
+		}
+	}
+	for _, s := range segs[:count] {
+		off, l := int64(s.sector*SectorSize), int64(s.numSectors)*SectorSize
+		if l == 0 {
+			continue
+		}
+		var err error
+		if typ == TypeDiscard || s.flags&flagUnmap != 0 {
+			err = b.be.Punch(off, l)
+		} else {
+			err = b.be.Zero(off, l)
+		}
+		if err != nil {
+			b.Metrics.IOErrors.Add(1)
+			return StatusIOErr
+		}
+	}
+	return StatusOK
+}
