@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"runtime"
 	"time"
 
 	"collective/devices/bus"
@@ -403,13 +404,17 @@ func (q *Queue) PopUsed() (id, length uint32, ok bool) {
 // WaitUsed polls for the next used element for up to timeout.
 func (q *Queue) WaitUsed(timeout time.Duration) (id, length uint32, err error) {
 	deadline := time.Now().Add(timeout)
-	for {
+	for i := 0; ; i++ {
 		if id, length, ok := q.PopUsed(); ok {
 			return id, length, nil
 		}
 		if time.Now().After(deadline) {
 			return 0, 0, fmt.Errorf("virtiotest: queue %d: no used buffer after %v (status %#x)", q.Index, timeout, q.d.Status())
 		}
-		time.Sleep(50 * time.Microsecond)
+		if i < 1000 {
+			runtime.Gosched() // a device goroutine is usually about to finish
+		} else {
+			time.Sleep(50 * time.Microsecond)
+		}
 	}
 }
