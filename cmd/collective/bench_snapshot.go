@@ -1,0 +1,329 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"collective/guest"
+	"collective/machine"
+	"collective/snapshot"
+)
+
+// benchSnapshot measures snapshot create and restore, ours against QEMU's
+// migrate-to-file, on the workload guest: 256 MiB and 1 GiB, idle (spin)
+// and with 25% of RAM dirtied (dirty mode, flat out).
+func benchSnapshot(_ []peer, elf string, runs, _ int) error {
+	// Files go to tmpfs when there is one, for us and QEMU alike: the
+	// figures are the VMMs', not the disk's writeback throttling.
+	base := ""
+	if st, err := os.Stat("/dev/shm"); err == nil && st.IsDir() {
+		base = "/dev/shm"
+	}
+	dir, err := os.MkdirTemp(base, "collective-bench-snapshot")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	var rows [][]string
+	for _, memMiB := range []int{256, 1024} {
+		for _, load := range []string{"idle", "25%"} {
+			cmdline := "spin"
+			if load == "25%" {
+				cmdline = fmt.Sprintf("dirty %dM 0 0", memMiB/4)
+			}
+			ours, err := benchOurs(self, elf, cmdline, memMiB, dir)
+			if err != nil {
+				return fmt.Errorf("collective %d MiB %s: %w", memMiB, load, err)
+			}
+			q, err := benchQEMU(elf, cmdline, memMiB, dir)
+			if err != nil {
+				return fmt.Errorf("qemu %d MiB %s: %w", memMiB, load, err)
+			}
+			ms := func(d time.Duration) string { return fmt.Sprintf("%.1f", float64(d.Microseconds())/1000) }
+			mib := func(n int64) string { return fmt.Sprintf("%.1f", float64(n)/(1<<20)) }
+			ratio := func(a, b float64) string {
+				if b == 0 {
+					return "-"
+				}
+				return fmt.Sprintf("%.3f", a/b)
+			}
+			rows = append(rows,
+				[]string{fmt.Sprintf("%d MiB", memMiB), load, "full snapshot (lz4)", ms(ours.full), mib(ours.fullSize), ms(q.save), mib(q.size), ratio(ours.full.Seconds(), q.save.Seconds())},
+				[]string{"", "", "full snapshot (raw image)", ms(ours.raw), mib(ours.rawSize), ms(q.save), mib(q.size), ratio(ours.raw.Seconds(), q.save.Seconds())},
+				[]string{"", "", "incremental", ms(ours.inc), mib(ours.incSize), "n/a", "n/a", "-"},
+				[]string{"", "", "restore lz4, in process", ms(ours.restoreLZ4), "", "", "", ""},
+				[]string{"", "", "restore raw lazy, in process", ms(ours.restoreLazy), "", "", "", ""},
+				[]string{"", "", "restore raw lazy, process start to run", ms(ours.restoreProc), "", ms(q.restore), "", ratio(ours.restoreProc.Seconds(), q.restore.Seconds())},
+			)
+		}
+	}
+	table("(d) snapshots: workload guest 'spin' (idle) or 'dirty SIZE/4' (25%), create time and size, restore to the guest's next instruction; QEMU 7.2 microvm: stop + migrate \"exec:cat > FILE\", restore -incoming \"exec:cat FILE\" until running",
+		[]string{"guest", "load", "operation", "collective ms", "MiB", "qemu ms", "qemu MiB", "collective/qemu"}, rows)
+	return nil
+}
+
+type oursResult struct {
+	full, raw, inc                       time.Duration
+	fullSize, rawSize, incSize           int64
+	restoreLZ4, restoreLazy, restoreProc time.Duration
+}
+
+func benchOurs(self, elf, cmdline string, memMiB int, dir string) (*oursResult, error) {
+	m, err := machine.New(machine.Config{Kernel: elf, Cmdline: cmdline, MemSize: uint64(memMiB) << 20, CPUs: 1})
+	if err != nil {
+		return nil, err
+	}
+	defer m.Close()
+	done := make(chan machine.Exit, 1)
+	go func() { done <- m.Run(context.Background()) }()
+	defer func() { m.Stop(); <-done }()
+	pass := func() uint64 { n, _ := m.Memory().Uint64(guest.HeartbeatAddr + 0x18); return n }
+	beat := func() uint64 { n, _ := m.Memory().Uint64(guest.HeartbeatAddr + 8); return n }
+	wait := func(f func() uint64, n uint64) error {
+		start := f()
+		deadline := time.Now().Add(60 * time.Second)
+		for f() < start+n {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("the guest made no progress")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		return nil
+	}
+	progress := beat
+	if strings.HasPrefix(cmdline, "dirty") {
+		progress = pass
+	}
+	if err := wait(progress, 1); err != nil {
+		return nil, err
+	}
+	ss := snapshot.NewSession(m)
+	r := &oursResult{}
+	take := func(path string, opts snapshot.TakeOptions) (time.Duration, int64, error) {
+		m.VM().Pause()
+		t0 := time.Now()
+		st, err := ss.Take(path, opts)
+		d := time.Since(t0)
+		m.VM().Resume()
+		if err != nil {
+			return 0, 0, err
+		}
+		return d, st.Bytes, nil
+	}
+	full, raw, inc := filepath.Join(dir, "ours.snap"), filepath.Join(dir, "ours.raw"), filepath.Join(dir, "ours.inc")
+	if r.raw, r.rawSize, err = take(raw, snapshot.TakeOptions{Raw: true}); err != nil {
+		return nil, err
+	}
+	if r.full, r.fullSize, err = take(full, snapshot.TakeOptions{}); err != nil {
+		return nil, err
+	}
+	if err := wait(progress, 1); err != nil {
+		return nil, err
+	}
+	if r.inc, r.incSize, err = take(inc, snapshot.TakeOptions{Incremental: true}); err != nil {
+		return nil, err
+	}
+	// Restores run with the source stopped, as QEMU's do.
+	m.Stop()
+	<-done
+	done <- machine.Exit{}
+	restore := func(path string, opts snapshot.RestoreOptions) (time.Duration, error) {
+		t0 := time.Now()
+		s, err := snapshot.Open(path)
+		if err != nil {
+			return 0, err
+		}
+		defer s.Close()
+		rm, _, err := snapshot.Restore([]*snapshot.Snapshot{s}, machine.Config{}, opts)
+		d := time.Since(t0)
+		if err != nil {
+			return 0, err
+		}
+		rm.Close()
+		return d, nil
+	}
+	if r.restoreLZ4, err = restore(full, snapshot.RestoreOptions{}); err != nil {
+		return nil, err
+	}
+	if r.restoreLazy, err = restore(raw, snapshot.RestoreOptions{Lazy: true, Trust: true}); err != nil {
+		return nil, err
+	}
+	// Another process: from its start to the vCPUs about to run.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, self, "restore", "--trust", "--serial", "none", raw)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	sc := bufio.NewScanner(stderr)
+	re := regexp.MustCompile(`ready to run ([0-9.]+) ms after process start`)
+	for sc.Scan() {
+		if mm := re.FindStringSubmatch(sc.Text()); mm != nil {
+			v, _ := strconv.ParseFloat(mm[1], 64)
+			r.restoreProc = time.Duration(v * float64(time.Millisecond))
+			break
+		}
+	}
+	if r.restoreProc == 0 {
+		return nil, fmt.Errorf("collective restore printed no timing")
+	}
+	return r, nil
+}
+
+type qemuResult struct {
+	save, restore time.Duration
+	size          int64
+}
+
+// hmp is a QEMU human monitor connection.
+type hmp struct {
+	c net.Conn
+	r *bufio.Reader
+}
+
+func dialHMP(path string) (*hmp, error) {
+	var c net.Conn
+	var err error
+	for i := 0; i < 500; i++ {
+		if c, err = net.Dial("unix", path); err == nil {
+			h := &hmp{c: c, r: bufio.NewReader(c)}
+			_, err = h.until()
+			return h, err
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return nil, err
+}
+
+// until reads up to the next "(qemu) " prompt.
+func (h *hmp) until() (string, error) {
+	var b strings.Builder
+	h.c.SetReadDeadline(time.Now().Add(120 * time.Second))
+	for {
+		c, err := h.r.ReadByte()
+		if err != nil {
+			return b.String(), err
+		}
+		b.WriteByte(c)
+		if strings.HasSuffix(b.String(), "(qemu) ") {
+			return b.String(), nil
+		}
+	}
+}
+
+func (h *hmp) cmd(s string) (string, error) {
+	if _, err := fmt.Fprintf(h.c, "%s\n", s); err != nil {
+		return "", err
+	}
+	return h.until()
+}
+
+func qemuArgs(elf, cmdline string, memMiB int, mon string) []string {
+	return []string{"-enable-kvm", "-M", "microvm", "-cpu", "host", "-m", strconv.Itoa(memMiB),
+		"-nodefaults", "-no-user-config", "-display", "none", "-serial", "none", "-no-reboot",
+		"-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-monitor", "unix:" + mon + ",server,nowait",
+		"-kernel", elf, "-append", cmdline}
+}
+
+func benchQEMU(elf, cmdline string, memMiB int, dir string) (*qemuResult, error) {
+	mon := filepath.Join(dir, "qemu.mon")
+	os.Remove(mon)
+	cmd := exec.Command("qemu-system-x86_64", qemuArgs(elf, cmdline, memMiB, mon)...)
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	h, err := dialHMP(mon)
+	if err != nil {
+		return nil, err
+	}
+	defer h.c.Close()
+	time.Sleep(time.Second) // the guest boots and dirties a pass (flat out: well under a second)
+	file := filepath.Join(dir, "qemu.mig")
+	if _, err := h.cmd("migrate_set_parameter max-bandwidth 100G"); err != nil {
+		return nil, err
+	}
+	t0 := time.Now()
+	if _, err := h.cmd("stop"); err != nil {
+		return nil, err
+	}
+	if _, err := h.cmd(fmt.Sprintf(`migrate "exec:cat > %s"`, file)); err != nil {
+		return nil, err
+	}
+	for {
+		out, err := h.cmd("info migrate")
+		if err != nil {
+			return nil, err
+		}
+		if strings.Contains(out, "Migration status: completed") {
+			break
+		}
+		if strings.Contains(out, "failed") {
+			return nil, fmt.Errorf("qemu migrate failed: %s", out)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	r := &qemuResult{save: time.Since(t0)}
+	st, err := os.Stat(file)
+	if err != nil {
+		return nil, err
+	}
+	r.size = st.Size()
+	h.cmd("quit")
+	cmd.Wait()
+
+	mon2 := filepath.Join(dir, "qemu2.mon")
+	os.Remove(mon2)
+	t1 := time.Now()
+	c2 := exec.Command("qemu-system-x86_64", append(qemuArgs(elf, cmdline, memMiB, mon2), "-incoming", "exec:cat "+file)...)
+	if err := c2.Start(); err != nil {
+		return nil, err
+	}
+	defer func() { c2.Process.Kill(); c2.Wait() }()
+	h2, err := dialHMP(mon2)
+	if err != nil {
+		return nil, err
+	}
+	defer h2.c.Close()
+	for {
+		out, err := h2.cmd("info status")
+		if err != nil {
+			return nil, err
+		}
+		if strings.Contains(out, "VM status: running") {
+			break
+		}
+		// The source was stopped, so the incoming VM stays paused once
+		// the stream is read: continue it, as our restore does.
+		if strings.Contains(out, "VM status: paused") && !strings.Contains(out, "inmigrate") {
+			if _, err := h2.cmd("cont"); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		if time.Since(t1) > 60*time.Second {
+			return nil, fmt.Errorf("qemu restore: %s", out)
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+	r.restore = time.Since(t1)
+	return r, nil
+}
