@@ -17,7 +17,7 @@ help:
 build: $(BIN) guest
 
 $(BIN): FORCE
-	$(GO) build -o $(BIN) ./cmd/collective
+	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/collective
 
 guest:
 	$(MAKE) -C guest

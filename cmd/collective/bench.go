@@ -209,79 +209,95 @@ func benchExits(ps []peer, guest string, runs, n int) error {
 	return nil
 }
 
-// benchMemory runs the guest in spin mode and reads the process's RSS and
-// the RSS of its guest-RAM mapping from /proc/PID/smaps.
+// benchMemory runs the guest in spin mode and reads the process's memory
+// from /proc/PID/smaps: the RSS and the anonymous memory, each minus the
+// guest-RAM mapping's share. RSS counts the pages of the binary and its
+// libraries, which every VM on a host shares; anonymous memory is what each
+// further VM costs.
 func benchMemory(ps []peer, guest string, runs, _ int) error {
 	const memMiB = 256
 	var rows [][]string
-	res := map[string][]float64{}
+	rss, anon := map[string][]float64{}, map[string][]float64{}
 	for i := 0; i < max(3, runs/3); i++ {
 		for _, p := range ps {
-			over, err := overhead(p.cmd(guest, "spin", memMiB), memMiB<<20)
+			u, err := overhead(p.cmd(guest, "spin", memMiB), memMiB<<20)
 			if err != nil {
 				return fmt.Errorf("%s: %w", p.name, err)
 			}
-			res[p.name] = append(res[p.name], over)
+			rss[p.name] = append(rss[p.name], u.rss)
+			anon[p.name] = append(anon[p.name], u.anon)
 		}
 	}
-	base := median(res["collective"])
+	br, ba := median(rss["collective"]), median(anon["collective"])
 	for _, p := range ps {
-		m := median(res[p.name])
-		rows = append(rows, []string{p.name, fmt.Sprintf("%.2f", m), fmt.Sprintf("%.3f", base/m)})
+		r, a := median(rss[p.name]), median(anon[p.name])
+		rows = append(rows, []string{p.name, fmt.Sprintf("%.2f", r), fmt.Sprintf("%.3f", br/r), fmt.Sprintf("%.2f", a), fmt.Sprintf("%.3f", ba/a)})
 	}
-	table(fmt.Sprintf("(c) VMM memory overhead: RSS minus the guest-RAM mapping's RSS, guest 'spin', %d MiB", memMiB),
-		[]string{"peer", "median MiB", "collective/peer"}, rows)
+	table(fmt.Sprintf("(c) VMM memory overhead in MiB, guest 'spin', %d MiB of RAM: RSS and anonymous memory, each minus the guest RAM's", memMiB),
+		[]string{"peer", "RSS-guest", "collective/peer", "anon-guest", "collective/peer"}, rows)
 	return nil
 }
 
-func overhead(argv []string, ramBytes int) (float64, error) {
+type memUsage struct{ rss, anon float64 }
+
+func overhead(argv []string, ramBytes int) (memUsage, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
-		return 0, err
+		return memUsage{}, err
 	}
 	if err := cmd.Start(); err != nil {
-		return 0, err
+		return memUsage{}, err
 	}
 	defer func() { cmd.Process.Kill(); cmd.Wait() }()
 	// Wait for the guest's first line: it is then spinning at CPL3.
 	if _, err := bufio.NewReader(out).ReadString('\n'); err != nil {
-		return 0, fmt.Errorf("no serial output: %w", err)
+		return memUsage{}, fmt.Errorf("no serial output: %w", err)
 	}
 	go io.Copy(io.Discard, out)
 	time.Sleep(300 * time.Millisecond)
-	total, guest, err := smapsRSS(cmd.Process.Pid, ramBytes)
+	m, err := smaps(cmd.Process.Pid, ramBytes)
 	if err != nil {
-		return 0, err
+		return memUsage{}, err
 	}
-	return float64(total-guest) / (1 << 20), nil
+	return memUsage{
+		rss:  float64(m.rss-m.guestRSS) / (1 << 20),
+		anon: float64(m.anon-m.guestAnon) / (1 << 20),
+	}, nil
 }
 
-// smapsRSS returns the process's total RSS and the RSS of its largest
-// mapping of at least ramBytes (guest RAM), in bytes.
-func smapsRSS(pid, ramBytes int) (total, guest int64, err error) {
+type smapsTotals struct{ rss, anon, guestRSS, guestAnon int64 }
+
+// smaps sums a process's RSS and anonymous memory, and those of its
+// largest-resident mapping of at least ramBytes (guest RAM), in bytes.
+func smaps(pid, ramBytes int) (smapsTotals, error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
 	if err != nil {
-		return 0, 0, err
+		return smapsTotals{}, err
 	}
-	var size int64
+	var t smapsTotals
+	var size, rss int64
 	for _, line := range strings.Split(string(data), "\n") {
 		f := strings.Fields(line)
 		if len(f) < 2 {
 			continue
 		}
 		v, _ := strconv.ParseInt(f[1], 10, 64)
+		v <<= 10
 		switch f[0] {
 		case "Size:":
-			size = v << 10
+			size, rss = v, 0
 		case "Rss:":
-			total += v << 10
-			if size >= int64(ramBytes) && v<<10 > guest {
-				guest = v << 10
+			t.rss += v
+			rss = v
+		case "Anonymous:":
+			t.anon += v
+			if size >= int64(ramBytes) && rss > t.guestRSS {
+				t.guestRSS, t.guestAnon = rss, v
 			}
 		}
 	}
-	return total, guest, nil
+	return t, nil
 }
