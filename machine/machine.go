@@ -11,6 +11,9 @@
 //	i8042          ports 0x60, 0x64 (0xfe on 0x64 resets: the VM ends)
 //	debug exit     port 0xf4, 4 bytes (isa-debug-exit compatible)
 //	POST port      0x80 (writes ignored: Linux uses it as an I/O delay)
+//	PCI            config mechanism 1 at 0xcf8-0xcff, host bridge 00:00.0,
+//	               BARs in [0xc0000000, 0xfec00000), virtio-pci devices
+//	               (virtio-blk per --disk) with MSI-X and ioeventfd doorbells
 //	PIC, IOAPIC, LAPIC, PIT: in the kernel (KVM)
 //	RAM            [0, 3 GiB) and, above 3 GiB of RAM, [4 GiB, ...)
 //	MMIO hole      [3 GiB, 4 GiB)
@@ -35,6 +38,7 @@ import (
 	"collective/devices/bus"
 	"collective/devices/debugexit"
 	"collective/devices/i8042"
+	"collective/devices/pci"
 	"collective/devices/rtc"
 	"collective/devices/serial"
 	"collective/kvm"
@@ -62,6 +66,8 @@ type Config struct {
 	Cmdline string // kernel command line
 	MemSize uint64 // bytes of guest RAM
 	CPUs    int    // number of vCPUs
+
+	Disks []string // --disk arguments: PATH[,ro][,serial=ID][,base=BASE]
 
 	Console io.Writer // serial output; nil discards it
 	Log     *slog.Logger
@@ -111,6 +117,9 @@ type Machine struct {
 	RTC       *rtc.RTC
 	I8042     *i8042.I8042
 	DebugExit *debugexit.DebugExit
+
+	pci    *pci.Bus
+	virtio []*virtioDev
 
 	exitOnce sync.Once
 	exit     Exit
@@ -229,6 +238,14 @@ func (m *Machine) build() error {
 			return err
 		}
 	}
+	if err := m.addPCI(); err != nil {
+		return err
+	}
+	for _, d := range m.cfg.Disks {
+		if err := m.addDisk(d); err != nil {
+			return err
+		}
+	}
 	var tscKHz uint32
 	for i := 0; i < m.cfg.CPUs; i++ {
 		v, err := m.vm.NewVCPU(i)
@@ -281,6 +298,19 @@ func (m *Machine) finish(e Exit) {
 	})
 }
 
+// Pause stops every vCPU and every virtio device's request processing:
+// guest memory and all state hold still until Resume.
+func (m *Machine) Pause() {
+	m.vm.Pause()
+	m.quiesceVirtio(true)
+}
+
+// Resume undoes Pause.
+func (m *Machine) Resume() {
+	m.quiesceVirtio(false)
+	m.vm.Resume()
+}
+
 // Stop ends a running machine from the host.
 func (m *Machine) Stop() { m.finish(Exit{Reason: ExitStopped}) }
 
@@ -315,7 +345,8 @@ func (m *Machine) Run(ctx context.Context) Exit {
 
 // Close releases the VM and /dev/kvm.
 func (m *Machine) Close() error {
-	err := m.vm.Close()
+	m.vm.Stop()
+	err := errors.Join(m.closeVirtio(), m.vm.Close())
 	m.sys.Close()
 	return err
 }

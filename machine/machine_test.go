@@ -220,3 +220,49 @@ func TestGuestRTCDate(t *testing.T) {
 		t.Fatalf("guest date %v, host between %v and %v", got, before, after)
 	}
 }
+
+func TestDisks(t *testing.T) {
+	elf := guestELF(t)
+	dir := t.TempDir()
+	disk := filepath.Join(dir, "d.img")
+	if err := os.WriteFile(disk, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var console syncBuffer
+	m, err := New(Config{Kernel: elf, Cmdline: "hello", MemSize: 64 << 20, CPUs: 1, Console: &console,
+		Disks: []string{disk, disk + ",ro,serial=second"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	// Probe PCI config space the way a guest does: 0xcf8/0xcfc.
+	vendor := func(slot int) uint32 {
+		addr := []byte{0, 0, 0, 0}
+		v := uint32(1<<31 | slot<<11)
+		addr[0], addr[1], addr[2], addr[3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
+		m.PortOut(0xcf8, addr)
+		p := make([]byte, 4)
+		m.PortIn(0xcfc, p)
+		return uint32(p[0]) | uint32(p[1])<<8 | uint32(p[2])<<16 | uint32(p[3])<<24
+	}
+	if v := vendor(0) & 0xffff; v != 0x8086 {
+		t.Errorf("host bridge vendor %#x", v)
+	}
+	for slot := 1; slot <= 2; slot++ {
+		if v := vendor(slot); v != 0x10421af4 {
+			t.Errorf("slot %d: vendor/device %#x, want virtio-blk 1af4:1042", slot, v)
+		}
+	}
+	if v := vendor(3); v != 0xffffffff {
+		t.Errorf("empty slot 3 reads %#x", v)
+	}
+	exit := m.Run(context.Background())
+	if exit.Reason != ExitDebug || exit.Code != 0 {
+		t.Fatalf("exit %+v", exit)
+	}
+
+	_, err = New(Config{Kernel: elf, MemSize: 64 << 20, CPUs: 1, Disks: []string{filepath.Join(dir, "missing.img")}})
+	if !errors.Is(err, ErrConfig) {
+		t.Fatalf("missing disk: %v, want ErrConfig", err)
+	}
+}

@@ -31,6 +31,8 @@ func runCmd(args []string) int {
 	cpus := fs.Int("cpus", 1, "number of vCPUs")
 	serialTo := fs.String("serial", "stdio", "serial console: stdio, file:PATH or none")
 	verbose := fs.Bool("v", false, "log VMM events to stderr")
+	var disks stringList
+	fs.Var(&disks, "disk", "virtio-blk disk PATH[,ro][,serial=ID][,base=BASE] (repeatable)")
 	apiPath := fs.String("api", "", "serve the control API (pause, resume, snapshot) on this Unix socket")
 	fs.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: collective run --kernel FILE [flags]\n\nOn a terminal, Ctrl-A x quits and Ctrl-A Ctrl-A sends Ctrl-A.\n\n")
@@ -81,7 +83,7 @@ func runCmd(args []string) int {
 
 	m, err := machine.New(machine.Config{
 		Kernel: *kernel, Initrd: *initrd, Cmdline: *cmdline,
-		MemSize: size, CPUs: *cpus, Console: console, Log: log,
+		MemSize: size, CPUs: *cpus, Console: console, Log: log, Disks: disks,
 	})
 	if err != nil {
 		if errors.Is(err, machine.ErrConfig) {
@@ -188,3 +190,9 @@ func parseSize(s string) (uint64, error) {
 	}
 	return v * mult, nil
 }
+
+// stringList is a repeatable string flag.
+type stringList []string
+
+func (l *stringList) String() string     { return strings.Join(*l, " ") }
+func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }
