@@ -205,7 +205,7 @@ func (s *Server) pause(r *http.Request) (any, error) {
 	if st := s.stateLocked(); st.State != StateRunning {
 		return nil, fail(http.StatusConflict, "the machine is %s", st.State)
 	}
-	s.m.VM().Pause()
+	s.m.Pause()
 	return s.stateLocked(), nil
 }
 
@@ -218,7 +218,7 @@ func (s *Server) resume(r *http.Request) (any, error) {
 	if st := s.stateLocked(); st.State != StatePaused {
 		return nil, fail(http.StatusConflict, "the machine is %s", st.State)
 	}
-	s.m.VM().Resume()
+	s.m.Resume()
 	return s.stateLocked(), nil
 }
 
@@ -244,8 +244,8 @@ func (s *Server) snapshot(r *http.Request) (any, error) {
 	var pausedAt time.Time
 	if st.State == StateRunning {
 		pausedAt = time.Now()
-		s.m.VM().Pause()
-		defer s.m.VM().Resume()
+		s.m.Pause()
+		defer s.m.Resume()
 	}
 	stats, err := s.ss.Take(req.Path, snapshot.TakeOptions{Incremental: req.Incremental, Raw: req.Raw})
 	if err != nil {

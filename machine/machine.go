@@ -305,6 +305,9 @@ func (m *Machine) Pause() {
 	m.quiesceVirtio(true)
 }
 
+// Paused reports whether the machine is paused.
+func (m *Machine) Paused() bool { return m.vm.Paused() }
+
 // Resume undoes Pause.
 func (m *Machine) Resume() {
 	m.quiesceVirtio(false)

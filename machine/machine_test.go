@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
+
 	"collective/guest"
 	"collective/internal/testenv"
 	"collective/kvm/boot"
@@ -264,5 +266,45 @@ func TestDisks(t *testing.T) {
 	_, err = New(Config{Kernel: elf, MemSize: 64 << 20, CPUs: 1, Disks: []string{filepath.Join(dir, "missing.img")}})
 	if !errors.Is(err, ErrConfig) {
 		t.Fatalf("missing disk: %v, want ErrConfig", err)
+	}
+}
+
+// TestVirtioStateRoundTrip: a machine's virtio-blk state goes into its
+// MachineState and restores into a machine built with the same disks; a
+// machine built without them refuses it.
+func TestVirtioStateRoundTrip(t *testing.T) {
+	elf := guestELF(t)
+	disk := filepath.Join(t.TempDir(), "d.img")
+	if err := os.WriteFile(disk, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{Kernel: elf, Cmdline: "hello", MemSize: 64 << 20, CPUs: 1, Disks: []string{disk}}
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	m.Pause()
+	st, err := m.SaveState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Virtio) != 1 || st.Virtio[0].Block == nil {
+		t.Fatalf("virtio state %+v", st.Virtio)
+	}
+	r, err := Restore(Config{Disks: []string{disk}}, st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st2, err := func() (*MachineState, error) { r.Pause(); return r.SaveState() }()
+	r.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(st.Virtio, st2.Virtio); diff != "" {
+		t.Errorf("virtio state after restore (-saved +restored):\n%s", diff)
+	}
+	if _, err := Restore(Config{}, st); !errors.Is(err, ErrConfig) {
+		t.Fatalf("restore without the disk: %v, want ErrConfig", err)
 	}
 }

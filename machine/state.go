@@ -10,6 +10,8 @@ import (
 	"collective/devices/i8042"
 	"collective/devices/rtc"
 	"collective/devices/serial"
+	"collective/devices/virtio"
+	"collective/devices/virtioblk"
 	"collective/kvm"
 )
 
@@ -49,6 +51,19 @@ type MachineState struct {
 	RTC       rtc.State
 	I8042     i8042.State
 	DebugExit debugexit.State
+
+	// Virtio holds each virtio-pci device, in PCI slot order: its PCI
+	// configuration, transport and queues, and the device's own state.
+	// The restoring machine must be built with the same devices (the same
+	// --disk arguments); their backends are reopened, not saved.
+	Virtio []VirtioState `json:",omitempty"`
+}
+
+// VirtioState is the state of one virtio-pci device.
+type VirtioState struct {
+	Name      string
+	Transport virtio.State
+	Block     *virtioblk.State `json:",omitempty"`
 }
 
 // SaveState reads the machine's state.
@@ -78,6 +93,14 @@ func (m *Machine) SaveState() (*MachineState, error) {
 	st.RTC = m.RTC.Save()
 	st.I8042 = m.I8042.Save()
 	st.DebugExit = m.DebugExit.Save()
+	for _, d := range m.virtio {
+		vs := VirtioState{Name: d.name, Transport: d.transport.Save()}
+		if b, ok := d.transport.Device().(*virtioblk.Block); ok {
+			bs := b.Save()
+			vs.Block = &bs
+		}
+		st.Virtio = append(st.Virtio, vs)
+	}
 	return st, nil
 }
 
@@ -149,6 +172,26 @@ func (m *Machine) restore(st *MachineState) error {
 	}
 	if err := m.DebugExit.Restore(st.DebugExit); err != nil {
 		return err
+	}
+	if len(st.Virtio) != len(m.virtio) {
+		return badConfig("machine: restore: the state has %d virtio devices, the machine %d (give the same --disk arguments)", len(st.Virtio), len(m.virtio))
+	}
+	for i, d := range m.virtio {
+		vs := st.Virtio[i]
+		if vs.Name != d.name {
+			return badConfig("machine: restore: virtio device %d is %q in the state, %q here", i, vs.Name, d.name)
+		}
+		if b, ok := d.transport.Device().(*virtioblk.Block); ok {
+			if vs.Block == nil {
+				return fmt.Errorf("machine: restore: %s: no block device state", d.name)
+			}
+			if err := b.Restore(*vs.Block); err != nil {
+				return err
+			}
+		}
+		if err := d.transport.Restore(vs.Transport); err != nil {
+			return err
+		}
 	}
 	if err := m.vm.SetDevicesState(st.VM); err != nil {
 		return err

@@ -113,11 +113,11 @@ func benchOurs(self, elf, cmdline string, memMiB int, dir string) (*oursResult, 
 	ss := snapshot.NewSession(m)
 	r := &oursResult{}
 	take := func(path string, opts snapshot.TakeOptions) (time.Duration, int64, error) {
-		m.VM().Pause()
+		m.Pause()
 		t0 := time.Now()
 		st, err := ss.Take(path, opts)
 		d := time.Since(t0)
-		m.VM().Resume()
+		m.Resume()
 		if err != nil {
 			return 0, 0, err
 		}

@@ -156,7 +156,7 @@ func restoreCmd(args []string) int {
 		return 1
 	}
 	if *paused {
-		m.VM().Pause()
+		m.Pause()
 	}
 	if *apiPath != "" {
 		_, stop, err := startAPI(m, ss, *apiPath, log)
