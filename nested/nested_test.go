@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -97,5 +98,84 @@ func TestRunConsole(t *testing.T) {
 	}
 	if got := out.String(); !strings.Contains(got, "got one-two") || !strings.Contains(got, "tty") {
 		t.Errorf("output %q, want \"got one-two\" and \"tty\"", got)
+	}
+}
+
+// l2Script boots the appliance in L1 with the VMM command %s (console on
+// stdin and stdout), types "uname -r" and "poweroff" at the first shell
+// prompt, and prints L1-uptime timings at the end: @@start, @@banner
+// (the appliance's banner seen, polled every 0.2 s), @@end, and
+// @@vmm-status.
+const l2Script = `
+rm -f /tmp/l2.out /tmp/l2.times; touch /tmp/l2.out
+echo "@@start $(cut -d' ' -f1 /proc/uptime)" >/tmp/l2.times
+(
+	while ! grep -q 'Collective appliance' /tmp/l2.out; do sleep 0.2; done
+	echo "@@banner $(cut -d' ' -f1 /proc/uptime)" >>/tmp/l2.times
+	while ! grep -q '# ' /tmp/l2.out; do sleep 0.2; done
+	printf 'uname -r\npoweroff\n'
+) | { %s 2>&1; echo "@@vmm-status $?" >>/tmp/l2.times; } | tee /tmp/l2.out
+echo "@@end $(cut -d' ' -f1 /proc/uptime)" >>/tmp/l2.times
+echo; cat /tmp/l2.times
+`
+
+// l2Times reads the @@ lines of l2Script's output.
+func l2Times(t *testing.T, out string) (toBanner, total float64, vmmStatus string) {
+	t.Helper()
+	v := map[string]string{}
+	for _, line := range strings.Split(out, "\n") {
+		if f := strings.Fields(strings.TrimSpace(line)); len(f) == 2 && strings.HasPrefix(f[0], "@@") {
+			v[f[0]] = f[1]
+		}
+	}
+	num := func(k string) float64 {
+		var x float64
+		fmt.Sscan(v[k], &x)
+		return x
+	}
+	if v["@@banner"] != "" {
+		toBanner = num("@@banner") - num("@@start")
+	}
+	return toBanner, num("@@end") - num("@@start"), v["@@vmm-status"]
+}
+
+// TestCollectiveBootsLinux runs our VMM in L1 on the default appliance
+// (PVH vmlinux, 256 MiB) and checks that Linux boots to a shell, runs a
+// command and powers off with status 0. The time to the banner is printed.
+func TestCollectiveBootsLinux(t *testing.T) {
+	h := Shared(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	out, status, err := h.Run(ctx, fmt.Sprintf(l2Script, ApplianceRun+" --mem 256M -v"))
+	toBanner, total, vmm := l2Times(t, out)
+	t.Logf("collective in L1: banner after %.2f s, whole run %.2f s (L1 time), VMM status %s; output:\n%s",
+		toBanner, total, vmm, out)
+	if err != nil || status != 0 {
+		t.Fatalf("script: status %d, err %v", status, err)
+	}
+	if vmm != "0" || !strings.Contains(out, "6.1.0") || toBanner == 0 {
+		t.Errorf("want the banner, uname -r's 6.1.0 and VMM status 0")
+	}
+}
+
+// TestQEMUInL1 boots the same appliance with QEMU (-M microvm) as the L2
+// VMM, the peer the benchmark compares us with, and prints its times.
+func TestQEMUInL1(t *testing.T) {
+	h := Shared(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	qemu := QEMUPath + ` -enable-kvm -M microvm -cpu host -m 256 -nodefaults -no-user-config -display none` +
+		` -serial stdio -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=4` +
+		` -kernel /appliance/vmlinux -initrd /appliance/initrd.img -append "$(cat /appliance/cmdline)"`
+	out, status, err := h.Run(ctx, fmt.Sprintf(l2Script, qemu))
+	toBanner, total, vmm := l2Times(t, out)
+	t.Logf("QEMU microvm in L1: banner after %.2f s, whole run %.2f s (L1 time), VMM status %s; output:\n%s",
+		toBanner, total, vmm, out)
+	if err != nil || status != 0 {
+		t.Fatalf("script: status %d, err %v", status, err)
+	}
+	// isa-debug-exit turns the appliance's 0 into QEMU's status 1.
+	if vmm != "1" || !strings.Contains(out, "6.1.0") {
+		t.Errorf("want uname -r's 6.1.0 and QEMU status 1 (debug-exit 0)")
 	}
 }

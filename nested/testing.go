@@ -48,7 +48,7 @@ func Shared(t testing.TB) *Host {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	h, err := Start(ctx, Options{Logf: t.Logf})
+	h, err := Start(ctx, Options{WithQEMU: true, Logf: t.Logf})
 	if err != nil {
 		shared.err = err
 		t.Fatalf("%v", err)
