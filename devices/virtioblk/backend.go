@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+
+	"collective/devices/virtioblk/cow"
 )
 
 // Backend is the storage under a block device. Offsets and lengths are in
@@ -128,7 +130,7 @@ type DiskSpec struct {
 	Path     string
 	ReadOnly bool
 	Serial   string // GET_ID; default: the file's base name
-	Base     string // copy-on-write base (not supported yet)
+	Base     string // copy-on-write base: Path is an overlay over it (devices/virtioblk/cow)
 }
 
 // ParseDisk parses PATH[,ro][,serial=ID][,base=BASE].
@@ -163,14 +165,25 @@ func ParseDisk(s string) (DiskSpec, error) {
 	return d, nil
 }
 
-// Open opens the disk a DiskSpec names, on a raw file backend.
+var _ Backend = (*cow.Overlay)(nil)
+
+// Open opens the disk a DiskSpec names: with base=, or on a file that is
+// an overlay, a copy-on-write overlay (created over the base if Path does
+// not exist); otherwise a raw file.
 func Open(spec DiskSpec) (*Block, error) {
-	if spec.Base != "" {
-		return nil, fmt.Errorf("virtioblk: %s: copy-on-write overlays (base=) are not supported yet", spec.Path)
-	}
-	be, err := OpenRaw(spec.Path, spec.ReadOnly)
-	if err != nil {
-		return nil, err
+	var be Backend
+	if spec.Base != "" || cow.IsOverlay(spec.Path) {
+		o, err := cow.OpenOrCreate(spec.Path, spec.Base, spec.ReadOnly)
+		if err != nil {
+			return nil, err
+		}
+		be = o
+	} else {
+		r, err := OpenRaw(spec.Path, spec.ReadOnly)
+		if err != nil {
+			return nil, err
+		}
+		be = r
 	}
 	b, err := New(Config{Backend: be, ReadOnly: spec.ReadOnly, Serial: spec.Serial})
 	if err != nil {
