@@ -94,8 +94,9 @@ func Commit(overlay, base, out string, progress Progress) (*CommitResult, error)
 		return nil, err
 	}
 	defer o.Close()
-	dir, final := out, ""
+	dir, final, named := out, "", false
 	if st, err := os.Stat(out); err != nil || !st.IsDir() {
+		named = true
 		dir, final = filepath.Dir(out), out
 		if err == nil {
 			return nil, fmt.Errorf("cow: %s exists", out)
@@ -139,7 +140,7 @@ func Commit(overlay, base, out string, progress Progress) (*CommitResult, error)
 	}
 	res.Path = final
 	if err := os.Link(tmp.Name(), final); err != nil {
-		if out != final || !errors.Is(err, fs.ErrExist) {
+		if named || !errors.Is(err, fs.ErrExist) {
 			return nil, fmt.Errorf("cow: %w", err)
 		}
 		// Named by content: a file with this name already has it.
