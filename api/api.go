@@ -5,6 +5,10 @@
 //	POST /pause     pause the vCPUs              (409 when paused)
 //	POST /resume    resume them                  (409 when running)
 //	POST /snapshot  {"path": FILE, "incremental": bool, "raw": bool}
+//	POST /migrate   {"to": ADDR, "downtime_ms", "max_rounds", "bandwidth_mbps", "compress"}
+//	                live migration; answers with the report when it ends (migrate.go)
+//	GET  /migrate/status   progress of the migration under way, or the last report
+//	POST /migrate/cancel   cancel it (before its commit)
 //
 // Errors come back as {"error": "..."} with 400 (malformed request), 404
 // (no such endpoint), 405 (wrong method), 409 (the machine's state does not
@@ -43,6 +47,12 @@ const (
 	StateRunning = "running"
 	StatePaused  = "paused"
 	StateStopped = "stopped"
+	// StateMigrating: a live migration is under way; pause, resume and
+	// snapshot are refused.
+	StateMigrating = "migrating"
+	// StateMigrated: the machine runs on a migration's target; this copy
+	// stays paused for good.
+	StateMigrated = "migrated"
 )
 
 // State is the body of GET /state and of pause and resume's answers.
@@ -84,6 +94,8 @@ type Server struct {
 
 	mu      sync.Mutex // serialises state changes
 	stopped bool       // +checklocks:mu
+
+	mig migration // live migration (migrate.go); lock order: mu, then mig.mu
 }
 
 // NewServer returns a server for m, whose snapshots ss takes.
@@ -93,6 +105,7 @@ func NewServer(m *machine.Machine, ss *snapshot.Session) *Server {
 
 // SetStopped records that the machine has ended: state changes get 409.
 func (s *Server) SetStopped() {
+	s.cancelMigration()
 	s.mu.Lock()
 	s.stopped = true
 	s.mu.Unlock()
@@ -136,8 +149,11 @@ func (s *Server) Handler() http.Handler {
 	route("/pause", http.MethodPost, s.pause)
 	route("/resume", http.MethodPost, s.resume)
 	route("/snapshot", http.MethodPost, s.snapshot)
+	mux.HandleFunc("/migrate", s.migrateHandler)
+	route("/migrate/status", http.MethodGet, s.migrateStatus)
+	route("/migrate/cancel", http.MethodPost, s.migrateCancel)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusNotFound, Error{fmt.Sprintf("no endpoint %s (try GET /state, POST /pause, /resume, /snapshot)", r.URL.Path)})
+		writeJSON(w, http.StatusNotFound, Error{fmt.Sprintf("no endpoint %s (try GET /state, POST /pause, /resume, /snapshot, /migrate)", r.URL.Path)})
 	})
 	return mux
 }
@@ -159,6 +175,10 @@ func (s *Server) stateLocked() State {
 	cfg := s.m.Config()
 	st := State{State: StateRunning, MemSize: cfg.MemSize, CPUs: cfg.CPUs}
 	switch {
+	case s.Migrated():
+		st.State = StateMigrated
+	case s.Migrating():
+		st.State = StateMigrating
 	case s.stopped:
 		st.State = StateStopped
 	case s.m.VM().Paused():
@@ -238,8 +258,8 @@ func (s *Server) snapshot(r *http.Request) (any, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.stateLocked()
-	if st.State == StateStopped {
-		return nil, fail(http.StatusConflict, "the machine is stopped")
+	if st.State == StateStopped || st.State == StateMigrating || st.State == StateMigrated {
+		return nil, fail(http.StatusConflict, "the machine is %s", st.State)
 	}
 	var pausedAt time.Time
 	if st.State == StateRunning {

@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/http"
 	"time"
+
+	"collective/migrate"
 )
 
 // Client calls a machine's API over its Unix socket.
@@ -94,4 +96,22 @@ func (c *Client) Resume() (State, error) {
 func (c *Client) Snapshot(req SnapshotRequest) (SnapshotResult, error) {
 	var r SnapshotResult
 	return r, c.Do(http.MethodPost, "/snapshot", req, &r)
+}
+
+// Migrate calls POST /migrate, which returns when the migration ends.
+func (c *Client) Migrate(req MigrateRequest) (migrate.Report, error) {
+	var r migrate.Report
+	return r, c.Do(http.MethodPost, "/migrate", req, &r)
+}
+
+// MigrateStatus calls GET /migrate/status.
+func (c *Client) MigrateStatus() (MigrateStatus, error) {
+	var s MigrateStatus
+	return s, c.Do(http.MethodGet, "/migrate/status", nil, &s)
+}
+
+// MigrateCancel calls POST /migrate/cancel.
+func (c *Client) MigrateCancel() (MigrateStatus, error) {
+	var s MigrateStatus
+	return s, c.Do(http.MethodPost, "/migrate/cancel", nil, &s)
 }

@@ -22,6 +22,7 @@ Commands:
   bench    benchmarks against QEMU (collective bench -h)
   ctl      control a running machine through its API (collective ctl -h)
   restore  resume a machine from a snapshot (collective restore -h)
+  migrate  live-migrate a running machine to collective run --incoming (collective migrate -h)
   snapshot merge OUT IN... | info FILE: snapshot files
   image    build and list appliances (collective image build default, collective image ls)
 `
@@ -41,6 +42,8 @@ func main() {
 		code = ctlCmd(os.Args[2:])
 	case "restore":
 		code = restoreCmd(os.Args[2:])
+	case "migrate":
+		code = migrateCmd(os.Args[2:])
 	case "snapshot":
 		code = snapshotCmd(os.Args[2:])
 	case "image":

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 
+	"collective/api"
 	"collective/internal/term"
 	"collective/machine"
 	"collective/snapshot"
@@ -33,7 +34,9 @@ func runCmd(args []string) int {
 	verbose := fs.Bool("v", false, "log VMM events to stderr")
 	var disks stringList
 	fs.Var(&disks, "disk", "virtio-blk disk PATH[,ro][,serial=ID][,base=BASE] (repeatable)")
-	apiPath := fs.String("api", "", "serve the control API (pause, resume, snapshot) on this Unix socket")
+	apiPath := fs.String("api", "", "serve the control API (pause, resume, snapshot, migrate) on this Unix socket")
+	incoming := fs.String("incoming", "", "receive a live migration on HOST:PORT instead of booting a kernel (migrate.go)")
+	cacheDir := fs.String("cache", "", "with --incoming: snapshots whose pages the source may send by hash")
 	fs.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: collective run --kernel FILE [flags]\n\nOn a terminal, Ctrl-A x quits and Ctrl-A Ctrl-A sends Ctrl-A.\n\n")
 		fs.PrintDefaults()
@@ -51,8 +54,8 @@ func runCmd(args []string) int {
 	if fs.NArg() > 0 {
 		return fail("unexpected argument %q", fs.Arg(0))
 	}
-	if *kernel == "" {
-		return fail("--kernel is required")
+	if *kernel == "" && *incoming == "" {
+		return fail("--kernel (or --incoming) is required")
 	}
 	size, err := parseSize(*mem)
 	if err != nil {
@@ -81,6 +84,9 @@ func runCmd(args []string) int {
 		return fail("--serial %q: want stdio, file:PATH or none", *serialTo)
 	}
 
+	if *incoming != "" {
+		return runIncoming(*incoming, console, input, *apiPath, *cacheDir, log)
+	}
 	m, err := machine.New(machine.Config{
 		Kernel: *kernel, Initrd: *initrd, Cmdline: *cmdline,
 		MemSize: size, CPUs: *cpus, Console: console, Log: log, Disks: disks,
@@ -93,8 +99,10 @@ func runCmd(args []string) int {
 		return 1
 	}
 	defer m.Close()
+	var srv *api.Server
 	if *apiPath != "" {
-		_, stop, err := startAPI(m, snapshot.NewSession(m), *apiPath, log)
+		var stop func()
+		srv, stop, err = startAPI(m, snapshot.NewSession(m), *apiPath, log)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "collective run: %v\n", err)
 			return 1
@@ -110,6 +118,10 @@ func runCmd(args []string) int {
 	}
 	exit := m.Run(ctx)
 	log.Debug("machine stopped", "reason", exit.Reason, "code", exit.Code, "exits", m.ExitCounts())
+	if srv != nil && srv.Migrated() {
+		fmt.Fprintln(os.Stderr, "collective run: the machine migrated away and runs on its target")
+		return 0
+	}
 	switch exit.Reason {
 	case machine.ExitDebug:
 		return exit.Code

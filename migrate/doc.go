@@ -1,0 +1,110 @@
+// Package migrate moves a running machine to another process or host by
+// pre-copy live migration over TCP: collective migrate (the source, through
+// the control API) and collective run --incoming ADDR (the target).
+//
+// # Algorithm
+//
+// The source turns on KVM's dirty log for every memory slot and empties
+// both logs (KVM's, of vCPU writes, and guestmem's, of the VMM's own
+// writes: design fact 1). Round 0 sends every non-zero page; each later
+// round sends the pages the logs recorded during the previous one (the
+// logs are taken before the pages are read, so a write that races the copy
+// is in the next round). After each round the source estimates the stop
+// phase as dirty bytes / measured rate + a fixed overhead; when that fits
+// the downtime limit, or after MaxRounds, it pauses the vCPUs, sends the
+// pages dirtied since, the machine state (machine.MachineState) and an end
+// frame, and runs the commit handshake below. Chunks of 64 pages are
+// encoded by one worker per CPU (zero test, hash lookup, lz4) and written
+// by one writer; a bandwidth cap paces the writer.
+//
+// Zero pages are never sent: in round 0 they are skipped (the target's RAM
+// starts zeroed), later a page that became zero is one bit of a zero
+// frame. lz4 is used when it pays: compression starts on, samples one data
+// chunk in 16 for its ratio and speed, and is kept only while
+// 1/(1/compress rate + ratio/link rate) beats the link rate by 20% (the
+// link rate is the bandwidth cap or the writer's measured rate; both
+// share the CPUs, so the model is serial). A chunk that does not shrink to
+// 7/8 goes plain. With a hash cache on the target (Cache, --cache DIR:
+// the pages of local snapshot files), the target announces the hashes it
+// holds and the source sends a 16-byte hash instead of any page whose
+// content hash is among them (the Collective's OSDI'02 technique).
+//
+// # Wire format (protocol version ProtoMajor.ProtoMinor)
+//
+// All integers little-endian. The stream is a sequence of frames:
+//
+//	0   u8   type
+//	1   [3]u8 reserved, 0
+//	4   u32  payload length n (<= MaxPayload, 256 KiB + 64)
+//	8   [n]  payload
+//	8+n u32  CRC-32C (Castagnoli) of bytes [0, 8+n)
+//
+// The CRC is verified before a byte of the payload is interpreted.
+//
+//	S->T hello    (1)  "CLVMIGR\n", u16 major, u16 minor, u32 page size (4096),
+//	                   u64 memory bytes, u32 vCPUs, u32 flags (0),
+//	                   u32 region count, {u64 GPA, u64 size} per region
+//	T->S welcome  (2)  u16 major, u16 minor, u32 flags (0), u64 hashes announced
+//	T->S hashes   (3)  [16]u8 page hashes (SHA-256/128, as in snapshot files),
+//	                   until the announced count is reached
+//	S->T pages    (4)  u64 chunk GPA (256 KiB aligned), u64 page mask,
+//	                   u8 encoding (0 plain, 1 lz4 block), the mask's pages
+//	S->T zero     (5)  u64 chunk GPA, u64 mask: these pages are now zero
+//	S->T hashref  (6)  u64 chunk GPA, u64 mask, [16]u8 hash per page in the mask
+//	S->T round    (7)  u32 round number (0, 1, ... in sequence), u32 0,
+//	                   u64 pages considered
+//	S->T state    (8)  u8 encoding (0 plain, 1 lz4: u32 plain length, block),
+//	                   JSON machine.MachineState (<= MaxStateSize)
+//	S->T end      (9)  empty: everything is sent
+//	T->S ready    (10) empty: restored, waiting for the commit
+//	S->T commit   (11) empty: run now; the source never resumes after this
+//	T->S resumed  (12) u64 nanoseconds from commit received to vCPUs started
+//	T->S info     (13) JSON {guest_gap_ns, guest_mode}: the guest's heartbeat
+//	either error  (14) UTF-8 message (<= MaxErrorText); the sender closes
+//
+// # Faults
+//
+// Until the commit, the source owns the machine: any failure (target
+// unreachable, connection cut, a frame failing its CRC on either side, a
+// target error frame, a missing reply within ReplyTimeout, a cancel) ends
+// the migration with the source running, resumed if it had paused, and
+// the dirty pages it took from the logs given back to guestmem's log, so
+// that a later incremental snapshot misses nothing. The target never runs
+// anything before the commit: on any failure it closes (discards) the
+// machine it was filling, sends an error frame if it can, and exits
+// non-zero.
+//
+// The commit is two-phase: the source sends end, the target restores the
+// state and answers ready, the source sends commit (its point of no
+// return), the target starts the vCPUs and answers resumed, and only then
+// does the source report success and stop. If the connection fails after
+// the commit was written and before resumed arrives, the source cannot
+// know whether the target runs: it stays paused (ErrInDoubt, exit status
+// 3 of collective migrate, API state "paused") and says so. That choice
+// never gives two running copies and loses nothing (the paused source
+// still holds the whole machine); the operator resumes the source only
+// after checking that the target is not running. A target that sent ready
+// and sees no commit within its IdleTimeout discards its machine and
+// exits, so a lost commit leaves only the paused source.
+//
+// # Timing
+//
+// Downtime is measured on the source's clock alone: from the pause to the
+// resumed frame's arrival (an upper bound), and less the ack's one-way
+// delay, estimated as half the commit-to-resumed round trip minus the
+// target's own commit-to-resume time. The target also reads the workload
+// guest's heartbeat (guest.HeartbeatAddr: counter and TSC) as the source
+// left it and waits for the next update after resuming: the TSC
+// difference is the gap the guest observed (kvm-pvm guests read the
+// host's TSC, so on one host this is wall time).
+//
+// # Security
+//
+// The stream is untrusted on both ends. Frame lengths are capped before
+// any read, the reader allocates one MaxPayload buffer, a hello's memory
+// size and regions are bounded and must match the machine the target
+// builds, every page address is checked against guest RAM, lz4 blocks
+// must decode to exactly their pages, hash references must name hashes
+// the target announced, the state is decoded strictly and validated, and
+// frames out of order are refused. Nothing here panics on input.
+package migrate

@@ -1,0 +1,895 @@
+package migrate
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/bits"
+	"net"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/pierrec/lz4/v4"
+
+	"collective/kvm/guestmem"
+	"collective/machine"
+)
+
+// Errors callers branch on.
+var (
+	// ErrVersion: the peers speak different protocol versions.
+	ErrVersion = errors.New("migrate: unsupported protocol version")
+	// ErrCanceled: the migration was cancelled before the commit.
+	ErrCanceled = errors.New("migrate: cancelled")
+	// ErrInDoubt: the commit was sent and no resumed acknowledgement
+	// came. The target may be running: the source stays paused.
+	ErrInDoubt = errors.New("migrate: outcome in doubt: the commit was sent but the target's acknowledgement never came; " +
+		"the source stays paused (resume it only once the target is known not to run)")
+)
+
+// Source is what a migration needs of the machine it moves: guest RAM,
+// the dirty logs, pause and resume, and its state. machine.Machine
+// provides it through MachineSource.
+type Source interface {
+	Memory() *guestmem.Memory
+	// SetDirtyLogging and DirtyLog are KVM's log of vCPU writes for the
+	// memory slot backing Memory().Regions()[slot].
+	SetDirtyLogging(slot int, on bool) error
+	DirtyLog(slot int) ([]uint64, error)
+	Pause()
+	Resume()
+	SaveState() (*machine.MachineState, error)
+	CPUs() int
+}
+
+type machineSource struct{ m *machine.Machine }
+
+// MachineSource adapts a machine to Source.
+func MachineSource(m *machine.Machine) Source { return machineSource{m} }
+
+func (s machineSource) Memory() *guestmem.Memory { return s.m.Memory() }
+func (s machineSource) SetDirtyLogging(i int, on bool) error {
+	return s.m.VM().SetDirtyLogging(i, on)
+}
+func (s machineSource) DirtyLog(i int) ([]uint64, error)          { return s.m.VM().DirtyLog(i) }
+func (s machineSource) Pause()                                    { s.m.VM().Pause() }
+func (s machineSource) Resume()                                   { s.m.VM().Resume() }
+func (s machineSource) SaveState() (*machine.MachineState, error) { return s.m.SaveState() }
+func (s machineSource) CPUs() int                                 { return s.m.Config().CPUs }
+
+// Options tune a migration.
+type Options struct {
+	// Downtime is the longest stop-and-copy phase the source aims for
+	// (default 50 ms).
+	Downtime time.Duration
+	// MaxRounds stops pre-copy after this many rounds even if it has not
+	// converged (default 30).
+	MaxRounds int
+	// Bandwidth caps the wire rate in bytes per second (0: none).
+	Bandwidth float64
+	// Compress is "auto" (lz4 when the measured link and compression rates
+	// say it pays; the default), "always" or "never".
+	Compress string
+	// DialTimeout bounds the connection attempt (default 5 s).
+	DialTimeout time.Duration
+	// ReplyTimeout bounds each wait for the target (welcome, ready,
+	// resumed; default 10 s). While waiting for ready the source is paused.
+	ReplyTimeout time.Duration
+	// Progress, when set, is called after each round and phase change.
+	Progress func(Progress)
+
+	// CorruptFrame, when > 0, flips a bit in the payload of that frame
+	// (counted from 1): fault injection for tests.
+	CorruptFrame int
+	// Hook, when set, is called at each phase ("round0", "round", "paused",
+	// "committed"); an error it returns aborts the migration as a fault
+	// would: fault injection for tests.
+	Hook func(phase string) error
+}
+
+func (o *Options) defaults() {
+	if o.Downtime <= 0 {
+		o.Downtime = 50 * time.Millisecond
+	}
+	if o.MaxRounds <= 0 {
+		o.MaxRounds = 30
+	}
+	if o.Compress == "" {
+		o.Compress = "auto"
+	}
+	if o.DialTimeout <= 0 {
+		o.DialTimeout = 5 * time.Second
+	}
+	if o.ReplyTimeout <= 0 {
+		o.ReplyTimeout = 10 * time.Second
+	}
+}
+
+// Migrate moves the running machine src to the target listening at addr
+// (collective run --incoming ADDR). On success the target runs the
+// machine, src is left paused and the caller must stop it without
+// resuming. On any error before the commit, src runs on (resumed if the
+// migration had paused it) and the target discards what it received. An
+// error matching ErrInDoubt leaves src paused: see the package doc. The
+// report is filled in either case.
+func Migrate(ctx context.Context, src Source, addr string, opts Options) (*Report, error) {
+	opts.defaults()
+	rep := &Report{To: addr, MemBytes: src.Memory().Size()}
+	if opts.Progress != nil {
+		opts.Progress(Progress{Phase: "connecting"})
+	}
+	d := net.Dialer{Timeout: opts.DialTimeout}
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		err = fmt.Errorf("migrate: target %s unreachable: %w", addr, err)
+		rep.Error = err.Error()
+		return rep, err
+	}
+	if tc, ok := conn.(*net.TCPConn); ok {
+		tc.SetNoDelay(true)
+		tc.SetWriteBuffer(4 << 20)
+	}
+	return Send(ctx, src, conn, rep, opts)
+}
+
+// Send migrates src over an established connection; Migrate dials it.
+// conn is closed on return.
+func Send(ctx context.Context, src Source, conn net.Conn, rep *Report, opts Options) (*Report, error) {
+	opts.defaults()
+	if rep == nil {
+		rep = &Report{To: conn.RemoteAddr().String(), MemBytes: src.Memory().Size()}
+	}
+	s := &sender{src: src, mem: src.Memory(), conn: conn, opts: opts, rep: rep, start: time.Now(),
+		replies: make(chan frame, 8), peerErr: make(chan error, 1)}
+	s.regs = s.mem.Regions()
+	s.taken = make([][]uint64, len(s.regs))
+	for i, r := range s.regs {
+		s.taken[i] = make([]uint64, (r.Size()/pageSize+63)/64)
+	}
+	// Cancellation (or any return) closes the connection, which unblocks
+	// every read and write.
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	err := s.run(ctx)
+	stop()
+	conn.Close()
+	if err != nil {
+		if ctx.Err() != nil && !errors.Is(err, ErrInDoubt) {
+			err = fmt.Errorf("%w: %w", ErrCanceled, err)
+		}
+		if s.paused && !s.committed {
+			s.src.Resume()
+			s.paused = false
+		}
+		s.giveBack()
+		rep.OK = false
+		rep.Error = err.Error()
+		rep.InDoubt = errors.Is(err, ErrInDoubt)
+		if s.opts.Progress != nil {
+			s.opts.Progress(Progress{Phase: "failed", Round: rep.Rounds, SentBytes: s.wireBytes()})
+		}
+	}
+	rep.BytesWire = s.wireBytes()
+	rep.TotalMS = ms(time.Since(s.start))
+	if s.ackAt != (time.Time{}) {
+		rep.TotalMS = ms(s.ackAt.Sub(s.start))
+	}
+	rep.RateMBps = s.rate / 1e6
+	return rep, err
+}
+
+type sender struct {
+	src  Source
+	mem  *guestmem.Memory
+	regs []*guestmem.Region
+	conn net.Conn
+	fw   *frameWriter
+	fr   *frameReader
+	opts Options
+	rep  *Report
+
+	start  time.Time
+	ackAt  time.Time
+	paused bool
+	// committed: the commit frame was (being) written; the source must not
+	// resume any more.
+	committed bool
+
+	// taken is the union of the dirty bits taken from both logs, given
+	// back to guestmem's log if the migration fails, so that an
+	// incremental snapshot after it misses nothing.
+	taken [][]uint64
+
+	hashes map[[hashSize]byte]struct{}
+
+	replies chan frame
+	peerErr chan error
+
+	// Transfer rate of page bytes (per second), measured per round.
+	rate float64
+	// Compression decision and its measurements.
+	useLZ4                  atomic.Bool
+	lzIn, lzOut, lzNanos    atomic.Int64
+	busyNanos, busyBytes    int64
+	mu                      sync.Mutex // guards the report's counters from workers
+	full, compressed, zeros int64
+	hashHits                int64
+}
+
+func (s *sender) wireBytes() int64 {
+	if s.fw == nil {
+		return 0
+	}
+	return s.fw.bytes
+}
+
+func (s *sender) progress(phase string, round int, dirtyRate float64, dirtyBytes int64) {
+	if s.opts.Progress == nil {
+		return
+	}
+	s.opts.Progress(Progress{Phase: phase, Round: round, SentBytes: s.wireBytes(), DirtyRate: dirtyRate,
+		DirtyBytes: dirtyBytes, Rate: s.rate, ExpectedDowntimeMS: ms(s.expectedDowntime(dirtyBytes))})
+}
+
+// stopOverhead is the fixed part of a stop phase, beyond the pages: state
+// save, restore on the target, the commit round trip (measured on this
+// machine at 1-3 ms; assumed, not measured per migration).
+const stopOverhead = 3 * time.Millisecond
+
+func (s *sender) expectedDowntime(dirtyBytes int64) time.Duration {
+	r := s.rate
+	if r <= 0 {
+		r = 1e9
+	}
+	return time.Duration(float64(dirtyBytes)/r*float64(time.Second)) + stopOverhead
+}
+
+func (s *sender) hook(phase string) error {
+	if s.opts.Hook != nil {
+		return s.opts.Hook(phase)
+	}
+	return nil
+}
+
+// checkPeer returns the target's error if it sent one or closed the
+// connection.
+func (s *sender) checkPeer() error {
+	select {
+	case err := <-s.peerErr:
+		s.peerErr <- err
+		return err
+	default:
+		return nil
+	}
+}
+
+func (s *sender) run(ctx context.Context) error {
+	s.fw = newFrameWriter(s.conn, s.opts.Bandwidth)
+	s.fw.corrupt = s.opts.CorruptFrame
+	s.fr = newFrameReader(s.conn)
+	switch s.opts.Compress {
+	case "always", "auto":
+		// Auto compresses until it has measured enough to decide: small
+		// (idle) guests go compressed, at a cost of a few milliseconds.
+		s.useLZ4.Store(true)
+	case "never":
+	default:
+		return fmt.Errorf("migrate: compress %q: want auto, always or never", s.opts.Compress)
+	}
+
+	// Handshake.
+	h := hello{major: ProtoMajor, minor: ProtoMinor, memSize: s.mem.Size(), cpus: uint32(s.src.CPUs())}
+	for _, r := range s.regs {
+		h.regions = append(h.regions, region{r.GPA, r.Size()})
+	}
+	if err := s.fw.send(frameHello, h.marshal()); err != nil {
+		return s.wireErr("sending hello", err)
+	}
+	if err := s.fw.flush(); err != nil {
+		return s.wireErr("sending hello", err)
+	}
+	if err := s.readWelcome(); err != nil {
+		return err
+	}
+	go s.readLoop()
+
+	// Dirty tracking on, and both logs emptied: from here every write is
+	// in the logs, round 0 copies everything else.
+	for i := range s.regs {
+		if err := s.src.SetDirtyLogging(i, true); err != nil {
+			return err
+		}
+	}
+	if _, err := s.takeDirty(); err != nil {
+		return err
+	}
+
+	var cand [][]uint64 // nil: every page
+	var dirtyPages int64
+	for round := 0; ; round++ {
+		phase := "round"
+		if round == 0 {
+			phase = "round0"
+		}
+		if err := s.hook(phase); err != nil {
+			return err
+		}
+		st, err := s.sendRound(round, cand, false)
+		if err != nil {
+			return err
+		}
+		s.rep.Rounds = round + 1
+		if cand, err = s.takeDirty(); err != nil {
+			return err
+		}
+		dirtyPages = countBits(cand)
+		st.DirtyAfter = dirtyPages
+		s.rep.RoundStats = append(s.rep.RoundStats, st)
+		dirtyRate := float64(dirtyPages*pageSize) / (st.MS / 1e3)
+		s.progress("round", round, dirtyRate, dirtyPages*pageSize)
+		if s.expectedDowntime(dirtyPages*pageSize) <= s.opts.Downtime || round+1 >= s.opts.MaxRounds {
+			break
+		}
+	}
+
+	// Stop and copy.
+	s.src.Pause()
+	s.paused = true
+	pausedAt := time.Now()
+	s.progress("paused", s.rep.Rounds, 0, dirtyPages*pageSize)
+	if err := s.hook("paused"); err != nil {
+		return err
+	}
+	more, err := s.takeDirty()
+	if err != nil {
+		return err
+	}
+	orInto(cand, more)
+	st, err := s.sendRound(s.rep.Rounds, cand, true)
+	if err != nil {
+		return err
+	}
+	st.Paused = true
+	s.rep.RoundStats = append(s.rep.RoundStats, st)
+	s.rep.Rounds++
+	ms0, err := s.src.SaveState()
+	if err != nil {
+		return err
+	}
+	sb, err := json.Marshal(ms0)
+	if err != nil {
+		return fmt.Errorf("migrate: encoding the machine state: %w", err)
+	}
+	if len(sb) > MaxStateSize {
+		return fmt.Errorf("migrate: machine state of %d bytes exceeds the limit of %d", len(sb), MaxStateSize)
+	}
+	if err := s.fw.send(frameState, encodeState(sb)); err != nil {
+		return s.wireErr("sending the state", err)
+	}
+	if err := s.fw.send(frameEnd, nil); err != nil {
+		return s.wireErr("sending the end", err)
+	}
+	if err := s.fw.flush(); err != nil {
+		return s.wireErr("sending the end", err)
+	}
+	endAt := time.Now()
+	s.rep.PausedWorkMS = ms(endAt.Sub(pausedAt))
+	if _, err := s.await(frameReady, "ready"); err != nil {
+		return err
+	}
+	s.rep.TargetRestoreMS = ms(time.Since(endAt))
+	if err := s.checkPeer(); err != nil {
+		return err
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	// Point of no return: once the commit may have left, the source
+	// never resumes by itself.
+	s.committed = true
+	s.progress("committing", s.rep.Rounds, 0, 0)
+	commitAt := time.Now()
+	if err := s.hook("committed"); err != nil {
+		return fmt.Errorf("%w: %w", ErrInDoubt, err)
+	}
+	if err := s.fw.send(frameCommit, nil); err != nil {
+		return fmt.Errorf("%w: %w", ErrInDoubt, s.wireErr("sending the commit", err))
+	}
+	if err := s.fw.flush(); err != nil {
+		return fmt.Errorf("%w: %w", ErrInDoubt, s.wireErr("sending the commit", err))
+	}
+	f, err := s.await(frameResumed, "resumed")
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrInDoubt, err)
+	}
+	s.ackAt = time.Now()
+	s.rep.OK = true
+	s.rep.DowntimeMS = ms(s.ackAt.Sub(pausedAt))
+	rtt := s.ackAt.Sub(commitAt)
+	var targetNanos int64
+	if len(f.payload) >= 8 {
+		targetNanos = int64(binary.LittleEndian.Uint64(f.payload))
+	}
+	oneWay := (rtt - time.Duration(targetNanos)) / 2
+	if oneWay < 0 {
+		oneWay = 0
+	}
+	s.rep.DowntimeEstMS = ms(s.ackAt.Sub(pausedAt) - oneWay)
+	s.sample()
+	// The target's figures (guest-observed gap) follow; they are optional.
+	if f, err := s.awaitTimeout(frameInfo, "info", 3*time.Second); err == nil {
+		var info targetInfo
+		if json.Unmarshal(f.payload, &info) == nil {
+			if info.GuestGapNS > 0 {
+				g := float64(info.GuestGapNS) / 1e6
+				s.rep.GuestGapMS = &g
+			}
+			s.rep.GuestMode = info.GuestMode
+		}
+	}
+	s.progress("done", s.rep.Rounds, 0, 0)
+	return nil
+}
+
+// targetInfo is the JSON of an info frame.
+type targetInfo struct {
+	GuestGapNS int64  `json:"guest_gap_ns,omitempty"`
+	GuestMode  string `json:"guest_mode,omitempty"`
+}
+
+func (s *sender) wireErr(what string, err error) error {
+	if perr := s.checkPeer(); perr != nil {
+		return perr
+	}
+	return fmt.Errorf("migrate: %s: connection to the target lost: %w", what, err)
+}
+
+func (s *sender) readWelcome() error {
+	s.conn.SetReadDeadline(time.Now().Add(s.opts.ReplyTimeout))
+	defer s.conn.SetReadDeadline(time.Time{})
+	f, err := s.fr.next()
+	if err != nil {
+		return fmt.Errorf("migrate: waiting for the target's welcome: %w", err)
+	}
+	switch f.typ {
+	case frameError:
+		return &RemoteError{string(f.payload)}
+	case frameWelcome:
+	default:
+		return &ProtocolError{f.off, "expected welcome, got " + frameName(f.typ)}
+	}
+	if len(f.payload) < 16 {
+		return &ProtocolError{f.off, "short welcome"}
+	}
+	if maj, min := binary.LittleEndian.Uint16(f.payload), binary.LittleEndian.Uint16(f.payload[2:]); maj != ProtoMajor {
+		return fmt.Errorf("migrate: the target speaks protocol %d.%d, this source %d.%d: %w", maj, min, ProtoMajor, ProtoMinor, ErrVersion)
+	}
+	n := binary.LittleEndian.Uint64(f.payload[8:])
+	if n > s.mem.Size()/pageSize*4+1<<20 {
+		return &ProtocolError{f.off, fmt.Sprintf("welcome announces %d hashes", n)}
+	}
+	s.rep.HashesAnnounced = int(n)
+	if n > 0 {
+		s.hashes = make(map[[hashSize]byte]struct{}, n)
+	}
+	for uint64(len(s.hashes)) < n {
+		f, err := s.fr.next()
+		if err != nil {
+			return fmt.Errorf("migrate: reading the target's hashes: %w", err)
+		}
+		if f.typ != frameHashes || len(f.payload)%hashSize != 0 || len(f.payload) == 0 {
+			return &ProtocolError{f.off, "expected a hashes frame, got " + frameName(f.typ)}
+		}
+		before := len(s.hashes)
+		for p := f.payload; len(p) > 0; p = p[hashSize:] {
+			s.hashes[[hashSize]byte(p)] = struct{}{}
+		}
+		if len(s.hashes) == before {
+			return &ProtocolError{f.off, "hashes frame adds nothing"}
+		}
+	}
+	return nil
+}
+
+// readLoop reads the target's frames after the handshake: an error frame
+// or a closed connection is reported on peerErr at once, so that rounds
+// stop early.
+func (s *sender) readLoop() {
+	for {
+		f, err := s.fr.next()
+		if err != nil {
+			if err == io.EOF {
+				err = errors.New("migrate: the target closed the connection")
+			} else {
+				err = fmt.Errorf("migrate: connection to the target lost: %w", err)
+			}
+			s.peerErr <- err
+			close(s.replies)
+			return
+		}
+		if f.typ == frameError {
+			s.peerErr <- &RemoteError{string(f.payload[:min(len(f.payload), MaxErrorText)])}
+			close(s.replies)
+			return
+		}
+		f.payload = append([]byte(nil), f.payload...)
+		s.replies <- f
+	}
+}
+
+func (s *sender) await(typ byte, what string) (frame, error) {
+	return s.awaitTimeout(typ, what, s.opts.ReplyTimeout)
+}
+
+func (s *sender) awaitTimeout(typ byte, what string, d time.Duration) (frame, error) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case f, ok := <-s.replies:
+		if !ok {
+			return frame{}, fmt.Errorf("waiting for the target's %s: %w", what, s.checkPeer())
+		}
+		if f.typ != typ {
+			return frame{}, &ProtocolError{f.off, fmt.Sprintf("expected %s, got %s", what, frameName(f.typ))}
+		}
+		return f, nil
+	case <-t.C:
+		return frame{}, fmt.Errorf("migrate: no %s from the target within %v", what, d)
+	}
+}
+
+// takeDirty returns and clears both dirty logs (KVM's and the VMM's),
+// merged, one bitmap per region.
+func (s *sender) takeDirty() ([][]uint64, error) {
+	out := make([][]uint64, len(s.regs))
+	for i, r := range s.regs {
+		k, err := s.src.DirtyLog(i)
+		if err != nil {
+			return nil, err
+		}
+		v := r.TakeDirty()
+		for w := range v {
+			if w < len(k) {
+				v[w] |= k[w]
+			}
+			s.taken[i][w] |= v[w]
+		}
+		out[i] = v
+	}
+	return out, nil
+}
+
+// giveBack marks every page taken from the logs dirty again in the VMM's
+// log, after a failed migration.
+func (s *sender) giveBack() {
+	for i, r := range s.regs {
+		for w, m := range s.taken[i] {
+			for ; m != 0; m &= m - 1 {
+				s.mem.MarkDirty(r.GPA+uint64(w*64+bits.TrailingZeros64(m))*pageSize, pageSize)
+			}
+		}
+	}
+}
+
+func countBits(bm [][]uint64) int64 {
+	var n int64
+	for _, r := range bm {
+		for _, w := range r {
+			n += int64(bits.OnesCount64(w))
+		}
+	}
+	return n
+}
+
+func orInto(dst, src [][]uint64) {
+	for i := range dst {
+		for w := range dst[i] {
+			dst[i][w] |= src[i][w]
+		}
+	}
+}
+
+// chunkWork is one chunk of a round.
+type chunkWork struct {
+	region int
+	off    uint64 // in the region
+	cand   uint64 // pages to consider
+}
+
+// encoded is the frames of one chunk, ready to write.
+type encoded struct {
+	buf                           []byte
+	full, compressed, zero, hashd int64
+	considered                    int64
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 2*MaxPayload+64); return &b }}
+
+// sendRound sends the candidate pages (nil: all) with parallel encoders
+// and one writer.
+func (s *sender) sendRound(round int, cand [][]uint64, final bool) (RoundStat, error) {
+	start := time.Now()
+	st := RoundStat{Round: round, StartMS: ms(start.Sub(s.start))}
+	bytes0 := s.fw.bytes
+	var work []chunkWork
+	for ri, r := range s.regs {
+		nch := (r.Size() + chunkBytes - 1) / chunkBytes
+		for c := uint64(0); c < nch; c++ {
+			off := c * chunkBytes
+			n := min(chunkPages, (r.Size()-off)/pageSize)
+			m := ^uint64(0) >> (64 - n)
+			if cand != nil {
+				m &= cand[ri][c]
+			}
+			if m != 0 {
+				work = append(work, chunkWork{ri, off, m})
+			}
+		}
+	}
+	nw := runtime.GOMAXPROCS(0)
+	if !final {
+		s.decideCompression(round)
+	}
+	out := make(chan encoded, 4*nw)
+	var next atomic.Int64
+	quit := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < nw; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var c lz4.Compressor
+			scratch := make([]byte, chunkBytes)
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(work) {
+					return
+				}
+				e := s.encodeChunk(work[i], round == 0, scratch, &c, i)
+				select {
+				case out <- e:
+				case <-quit:
+					return
+				}
+			}
+		}()
+	}
+	go func() { wg.Wait(); close(out) }()
+	var werr error
+	n := 0
+	for e := range out {
+		if werr == nil {
+			if len(e.buf) > 0 {
+				t0 := time.Now()
+				werr = s.fw.write(e.buf)
+				s.busyNanos += int64(time.Since(t0))
+				s.busyBytes += int64(len(e.buf))
+			}
+			st.Pages += e.considered
+			st.Sent += e.full + e.hashd
+			s.full += e.full
+			s.compressed += e.compressed
+			s.zeros += e.zero
+			s.hashHits += e.hashd
+			if round == 0 {
+				s.rep.NonZeroBytes += (e.full + e.hashd) * pageSize
+			}
+			if n++; n%64 == 0 {
+				if werr == nil {
+					werr = s.checkPeer()
+				}
+				if !final && n%1024 == 0 {
+					s.decideCompression(round)
+					s.sample()
+				}
+			}
+			if werr != nil {
+				close(quit)
+			}
+		}
+		b := e.buf[:0]
+		bufPool.Put(&b)
+	}
+	if werr != nil {
+		return st, s.wireErr(fmt.Sprintf("round %d", round), werr)
+	}
+	var rb [16]byte
+	binary.LittleEndian.PutUint32(rb[:], uint32(round))
+	binary.LittleEndian.PutUint64(rb[8:], uint64(st.Pages))
+	if err := s.fw.send(frameRound, rb[:]); err != nil {
+		return st, s.wireErr(fmt.Sprintf("round %d", round), err)
+	}
+	if err := s.fw.flush(); err != nil {
+		return st, s.wireErr(fmt.Sprintf("round %d", round), err)
+	}
+	if err := s.checkPeer(); err != nil {
+		return st, err
+	}
+	d := time.Since(start)
+	st.MS = ms(d)
+	st.Bytes = s.fw.bytes - bytes0
+	// The rate of page bytes handled: what the stop phase's estimate
+	// divides by. Round 0 also scans zero memory, so it counts the
+	// non-zero pages only (an underestimate, which errs towards more
+	// rounds and less downtime); tiny rounds are too noisy to measure.
+	if sent := st.Sent * pageSize; sent >= 1<<20 || (round > 0 && st.Pages >= 256) {
+		r := float64(sent) / d.Seconds()
+		if round > 0 {
+			r = float64(st.Pages*pageSize) / d.Seconds()
+		}
+		if s.rate == 0 {
+			s.rate = r
+		} else {
+			s.rate = 0.5*s.rate + 0.5*r
+		}
+	}
+	if s.opts.Bandwidth > 0 && (s.rate == 0 || s.rate > s.opts.Bandwidth) {
+		s.rate = s.opts.Bandwidth
+	}
+	s.sample()
+	s.rep.Pages = PageCounts{Full: s.full, Compressed: s.compressed, Zero: s.zeros, HashHit: s.hashHits}
+	return st, nil
+}
+
+func (s *sender) sample() {
+	s.rep.Timeline = append(s.rep.Timeline, Sample{MS: ms(time.Since(s.start)), Bytes: s.fw.bytes})
+}
+
+// sampleEvery: one data chunk in this many is compressed for measurement
+// while lz4 is off.
+const sampleEvery = 16
+
+// decideCompression turns lz4 on when it pays: when the link (measured
+// while writing, or the bandwidth cap) is slower than what compression
+// can feed it, given the measured ratio and compression speed.
+func (s *sender) decideCompression(round int) {
+	if s.opts.Compress != "auto" {
+		return
+	}
+	in, out, nanos := s.lzIn.Load(), s.lzOut.Load(), s.lzNanos.Load()
+	if in < 1<<20 || nanos == 0 {
+		return // not measured yet
+	}
+	ratio := float64(out) / float64(in)
+	cspeed := float64(in) / (float64(nanos) / 1e9) * float64(runtime.GOMAXPROCS(0))
+	link := s.opts.Bandwidth
+	if link == 0 && s.busyNanos > 0 && s.busyBytes >= 4<<20 {
+		link = float64(s.busyBytes) / (float64(s.busyNanos) / 1e9)
+	}
+	if link == 0 {
+		return
+	}
+	// Compression and sending share the CPUs (on a loaded host the link
+	// rate measured is often the CPU's): model them as serial, so lz4
+	// wins only when the link is clearly the bottleneck.
+	withLZ4 := 1 / (1/cspeed + ratio/link)
+	s.useLZ4.Store(withLZ4 > link*1.2)
+	s.rep.Compression = fmt.Sprintf("lz4=%v (ratio %.2f, compress %.0f MB/s, link %.0f MB/s)", s.useLZ4.Load(), ratio, cspeed/1e6, link/1e6)
+}
+
+func isZero(p []byte) bool {
+	// Most non-zero pages differ in their first word.
+	if binary.LittleEndian.Uint64(p) != 0 {
+		return false
+	}
+	for i := 0; i < len(p); i += 512 {
+		q := p[i : i+512]
+		for j := 0; j < 512; j += 64 {
+			if binary.LittleEndian.Uint64(q[j:])|binary.LittleEndian.Uint64(q[j+8:])|
+				binary.LittleEndian.Uint64(q[j+16:])|binary.LittleEndian.Uint64(q[j+24:])|
+				binary.LittleEndian.Uint64(q[j+32:])|binary.LittleEndian.Uint64(q[j+40:])|
+				binary.LittleEndian.Uint64(q[j+48:])|binary.LittleEndian.Uint64(q[j+56:]) != 0 {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// encodeChunk builds a chunk's frames: zero (after round 0), hashref,
+// pages.
+//
+// Pages are copied out of guest RAM before they are hashed or compressed:
+// the guest may write them meanwhile (the dirty log then has them again
+// for the next round), and lz4 must not see bytes change under it.
+func (s *sender) encodeChunk(w chunkWork, round0 bool, scratch []byte, c *lz4.Compressor, seq int) encoded {
+	r := s.regs[w.region]
+	gpa := r.GPA + w.off
+	var e encoded
+	e.considered = int64(bits.OnesCount64(w.cand))
+	bp := bufPool.Get().(*[]byte)
+	buf := (*bp)[:0]
+	var zeroMask, dataMask, hashMask uint64
+	plain := scratch[:0]
+	var hashes []byte
+	for m := w.cand; m != 0; m &= m - 1 {
+		i := bits.TrailingZeros64(m)
+		lo := w.off + uint64(i)*pageSize
+		page := r.Host[lo : lo+pageSize]
+		if isZero(page) {
+			zeroMask |= 1 << i
+			continue
+		}
+		k := len(plain)
+		plain = append(plain, page...)
+		if s.hashes != nil {
+			var h [hashSize]byte
+			pageHash(h[:], plain[k:])
+			if _, ok := s.hashes[h]; ok {
+				hashMask |= 1 << i
+				hashes = append(hashes, h[:]...)
+				plain = plain[:k]
+				continue
+			}
+		}
+		dataMask |= 1 << i
+	}
+	e.zero = int64(bits.OnesCount64(zeroMask))
+	if zeroMask != 0 && !round0 {
+		buf = beginFrame(buf, frameZero)
+		buf = finishFrame(appendChunkHeader(buf, gpa, zeroMask))
+	}
+	if hashMask != 0 {
+		k := len(buf)
+		f := beginFrame(buf[k:], frameHashRef)
+		f = appendChunkHeader(f, gpa, hashMask)
+		f = finishFrame(append(f, hashes...))
+		buf = buf[:k+len(f)]
+		e.hashd = int64(bits.OnesCount64(hashMask))
+	}
+	if dataMask != 0 {
+		e.full = int64(bits.OnesCount64(dataMask))
+		k := len(buf)
+		f := beginFrame(buf[k:k], framePages)
+		f = appendChunkHeader(f, gpa, dataMask)
+		useLZ4 := s.useLZ4.Load()
+		measure := !useLZ4 && s.opts.Compress == "auto" && seq%sampleEvery == 0
+		enc := byte(encPlain)
+		if useLZ4 || measure {
+			f = append(f, encLZ4)
+			dst := f[len(f) : len(f)+lz4.CompressBlockBound(len(plain))]
+			t0 := time.Now()
+			n, err := c.CompressBlock(plain, dst)
+			s.lzNanos.Add(int64(time.Since(t0)))
+			s.lzIn.Add(int64(len(plain)))
+			if err == nil && n > 0 {
+				s.lzOut.Add(int64(n))
+			} else {
+				s.lzOut.Add(int64(len(plain)))
+			}
+			if useLZ4 && err == nil && n > 0 && n < len(plain)*7/8 {
+				enc = encLZ4
+				f = f[:len(f)+n]
+				e.compressed = e.full
+			} else {
+				f = f[:len(f)-1]
+			}
+		}
+		if enc == encPlain {
+			f = append(f, encPlain)
+			f = append(f, plain...)
+		}
+		f = finishFrame(f)
+		buf = buf[:k+len(f)]
+	}
+	e.buf = buf
+	return e
+}
+
+// encodeState prefixes the JSON state with its encoding: lz4 (u8 1, u32
+// plain length, block) when that is smaller, else plain (u8 0). The
+// state's JSON (register arrays as numbers) compresses about tenfold.
+func encodeState(sb []byte) []byte {
+	dst := make([]byte, 5+lz4.CompressBlockBound(len(sb)))
+	var c lz4.Compressor
+	if n, err := c.CompressBlock(sb, dst[5:]); err == nil && n > 0 && n < len(sb) {
+		dst[0] = encLZ4
+		binary.LittleEndian.PutUint32(dst[1:], uint32(len(sb)))
+		return dst[:5+n]
+	}
+	return append([]byte{encPlain}, sb...)
+}

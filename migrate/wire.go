@@ -1,0 +1,322 @@
+package migrate
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"math/bits"
+	"time"
+)
+
+// Protocol version of the stream (independent of the product version). A
+// target accepts the same major version with a minor no newer than its own.
+const (
+	ProtoMajor = 1
+	ProtoMinor = 0
+)
+
+// Frame types.
+const (
+	frameHello   = 1  // S->T: version, memory layout
+	frameWelcome = 2  // T->S: version, flags, number of announced hashes
+	frameHashes  = 3  // T->S: page hashes the target holds
+	framePages   = 4  // S->T: full pages of one chunk, plain or lz4
+	frameZero    = 5  // S->T: pages of one chunk that are now zero
+	frameHashRef = 6  // S->T: pages of one chunk sent by hash
+	frameRound   = 7  // S->T: end of a round
+	frameState   = 8  // S->T: machine state (JSON), vCPUs paused
+	frameEnd     = 9  // S->T: everything is sent; restore
+	frameReady   = 10 // T->S: restored, waiting for commit
+	frameCommit  = 11 // S->T: resume now (the source will never resume)
+	frameResumed = 12 // T->S: the machine runs on the target
+	frameInfo    = 13 // T->S: JSON figures (guest-observed gap)
+	frameError   = 14 // either way: a message, then the sender closes
+)
+
+var frameNames = map[byte]string{
+	frameHello: "hello", frameWelcome: "welcome", frameHashes: "hashes", framePages: "pages",
+	frameZero: "zero", frameHashRef: "hashref", frameRound: "round", frameState: "state",
+	frameEnd: "end", frameReady: "ready", frameCommit: "commit", frameResumed: "resumed",
+	frameInfo: "info", frameError: "error",
+}
+
+func frameName(t byte) string {
+	if n, ok := frameNames[t]; ok {
+		return n
+	}
+	return fmt.Sprintf("type %d", t)
+}
+
+// Limits of the stream. Every length read from the wire is checked
+// against one of them before anything is allocated.
+const (
+	headerSize = 8
+	trailSize  = 4
+	pageSize   = 4096
+	chunkPages = 64
+	chunkBytes = chunkPages * pageSize
+	hashSize   = 16
+	// MaxPayload bounds a frame's payload: a chunk of plain pages plus its
+	// header, or a batch of hashes.
+	MaxPayload = chunkBytes + 64
+	// MaxStateSize bounds the JSON machine state.
+	MaxStateSize = MaxPayload
+	// MaxMemSize bounds the guest RAM a hello may announce (64 TiB).
+	MaxMemSize = 1 << 46
+	// MaxRegions bounds the memory regions of a hello.
+	MaxRegions = 16
+	// MaxErrorText bounds an error frame's message.
+	MaxErrorText = 4096
+	// maxHashesPerFrame is how many hashes one hashes frame carries.
+	maxHashesPerFrame = (MaxPayload - 64) / hashSize
+)
+
+var helloMagic = [8]byte{'C', 'L', 'V', 'M', 'I', 'G', 'R', '\n'}
+
+// Page encodings in a pages frame.
+const (
+	encPlain = 0
+	encLZ4   = 1
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// ErrProtocol is matched by every error about a malformed or unexpected
+// frame, a checksum mismatch included.
+var ErrProtocol = errors.New("migrate: protocol error")
+
+// ProtocolError reports a bad frame: its position in the stream (bytes
+// from the start of the connection) and what is wrong.
+type ProtocolError struct {
+	Offset int64
+	Msg    string
+}
+
+func (e *ProtocolError) Error() string {
+	return fmt.Sprintf("migrate: protocol error at byte %d of the stream: %s", e.Offset, e.Msg)
+}
+
+// Is reports whether target is ErrProtocol.
+func (e *ProtocolError) Is(target error) bool { return target == ErrProtocol }
+
+// RemoteError is an error frame received from the peer.
+type RemoteError struct{ Msg string }
+
+func (e *RemoteError) Error() string { return "migrate: the peer reports: " + e.Msg }
+
+// frame is one decoded frame. payload aliases the reader's buffer until
+// the next read.
+type frame struct {
+	typ     byte
+	payload []byte
+	off     int64 // stream offset of the frame's first byte
+}
+
+// frameReader reads frames, verifying each one's CRC before its payload
+// is looked at. It allocates one buffer of MaxPayload+trailSize.
+type frameReader struct {
+	r   *bufio.Reader
+	buf []byte
+	off int64
+}
+
+func newFrameReader(r io.Reader) *frameReader {
+	return &frameReader{r: bufio.NewReaderSize(r, 1<<20), buf: make([]byte, headerSize+MaxPayload+trailSize)}
+}
+
+// next reads one frame. io.EOF is returned only at a frame boundary; a
+// stream cut inside a frame is io.ErrUnexpectedEOF.
+func (fr *frameReader) next() (frame, error) {
+	h := fr.buf[:headerSize]
+	if _, err := io.ReadFull(fr.r, h); err != nil {
+		return frame{}, err
+	}
+	off := fr.off
+	typ := h[0]
+	if h[1] != 0 || h[2] != 0 || h[3] != 0 {
+		return frame{}, &ProtocolError{off, fmt.Sprintf("frame header reserved bytes %x", h[1:4])}
+	}
+	n := binary.LittleEndian.Uint32(h[4:8])
+	if n > MaxPayload {
+		return frame{}, &ProtocolError{off, fmt.Sprintf("%s frame of %d bytes exceeds the limit of %d", frameName(typ), n, MaxPayload)}
+	}
+	rest := fr.buf[headerSize : headerSize+int(n)+trailSize]
+	if _, err := io.ReadFull(fr.r, rest); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return frame{}, err
+	}
+	fr.off += int64(headerSize + int(n) + trailSize)
+	want := binary.LittleEndian.Uint32(rest[n:])
+	if got := crc32.Checksum(fr.buf[:headerSize+int(n)], castagnoli); got != want {
+		return frame{}, &ProtocolError{off, fmt.Sprintf("%s frame: CRC-32C %#08x, the frame says %#08x (corrupted)", frameName(typ), got, want)}
+	}
+	return frame{typ: typ, payload: rest[:n], off: off}, nil
+}
+
+// frameWriter writes frames through a buffer, counting bytes and pacing
+// them to a bandwidth limit.
+type frameWriter struct {
+	w     *bufio.Writer
+	bytes int64
+	// limit is the bandwidth cap in bytes per second (0: none); paced
+	// against start.
+	limit float64
+	start time.Time
+	// corrupt, when > 0, flips a payload bit of the frame with this
+	// sequence number (fault injection in tests).
+	corrupt int
+	seq     int
+}
+
+func newFrameWriter(w io.Writer, limit float64) *frameWriter {
+	return &frameWriter{w: bufio.NewWriterSize(w, 1<<20), limit: limit, start: time.Now()}
+}
+
+// begin returns a buffer holding a frame header for type t, to which the
+// caller appends the payload and then calls finish.
+func beginFrame(buf []byte, t byte) []byte {
+	buf = append(buf[:0], t, 0, 0, 0, 0, 0, 0, 0)
+	return buf
+}
+
+// finishFrame sets the payload length and appends the CRC.
+func finishFrame(buf []byte) []byte {
+	binary.LittleEndian.PutUint32(buf[4:8], uint32(len(buf)-headerSize))
+	return binary.LittleEndian.AppendUint32(buf, crc32.Checksum(buf, castagnoli))
+}
+
+// write writes a finished frame.
+func (fw *frameWriter) write(f []byte) error {
+	fw.seq++
+	if fw.corrupt > 0 && fw.seq == fw.corrupt && len(f) > headerSize+trailSize {
+		f[headerSize] ^= 0x40
+	}
+	if _, err := fw.w.Write(f); err != nil {
+		return err
+	}
+	fw.bytes += int64(len(f))
+	if fw.limit > 0 {
+		due := fw.start.Add(time.Duration(float64(fw.bytes) / fw.limit * float64(time.Second)))
+		if d := time.Until(due); d > 0 {
+			if err := fw.w.Flush(); err != nil {
+				return err
+			}
+			time.Sleep(d)
+		}
+	}
+	return nil
+}
+
+// send builds and writes a frame of type t with the given payload.
+func (fw *frameWriter) send(t byte, payload []byte) error {
+	f := beginFrame(make([]byte, 0, headerSize+len(payload)+trailSize), t)
+	f = append(f, payload...)
+	return fw.write(finishFrame(f))
+}
+
+func (fw *frameWriter) flush() error { return fw.w.Flush() }
+
+// hello is the first frame: the source's version and memory layout.
+type hello struct {
+	major, minor uint16
+	memSize      uint64
+	cpus         uint32
+	flags        uint32
+	regions      []region
+}
+
+type region struct{ gpa, size uint64 }
+
+func (h *hello) marshal() []byte {
+	b := append([]byte(nil), helloMagic[:]...)
+	b = binary.LittleEndian.AppendUint16(b, h.major)
+	b = binary.LittleEndian.AppendUint16(b, h.minor)
+	b = binary.LittleEndian.AppendUint32(b, pageSize)
+	b = binary.LittleEndian.AppendUint64(b, h.memSize)
+	b = binary.LittleEndian.AppendUint32(b, h.cpus)
+	b = binary.LittleEndian.AppendUint32(b, h.flags)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(h.regions)))
+	for _, r := range h.regions {
+		b = binary.LittleEndian.AppendUint64(b, r.gpa)
+		b = binary.LittleEndian.AppendUint64(b, r.size)
+	}
+	return b
+}
+
+func parseHello(f frame) (*hello, error) {
+	p := f.payload
+	bad := func(format string, a ...any) error {
+		return &ProtocolError{f.off, "hello: " + fmt.Sprintf(format, a...)}
+	}
+	if f.typ != frameHello {
+		return nil, bad("expected a hello frame, got %s", frameName(f.typ))
+	}
+	if len(p) < 36 || [8]byte(p[:8]) != helloMagic {
+		return nil, bad("not a Collective migration stream (bad magic or short hello)")
+	}
+	h := &hello{
+		major: binary.LittleEndian.Uint16(p[8:]), minor: binary.LittleEndian.Uint16(p[10:]),
+		memSize: binary.LittleEndian.Uint64(p[16:]), cpus: binary.LittleEndian.Uint32(p[24:]),
+		flags: binary.LittleEndian.Uint32(p[28:]),
+	}
+	if h.major != ProtoMajor || h.minor > ProtoMinor {
+		return nil, fmt.Errorf("migrate: the source speaks protocol %d.%d, this target %d.%d: %w", h.major, h.minor, ProtoMajor, ProtoMinor, ErrVersion)
+	}
+	if ps := binary.LittleEndian.Uint32(p[12:]); ps != pageSize {
+		return nil, bad("page size %d, want %d", ps, pageSize)
+	}
+	if h.memSize == 0 || h.memSize > MaxMemSize || h.memSize%pageSize != 0 {
+		return nil, bad("memory size %d", h.memSize)
+	}
+	if h.cpus < 1 || h.cpus > 256 {
+		return nil, bad("%d vCPUs", h.cpus)
+	}
+	n := binary.LittleEndian.Uint32(p[32:])
+	if n < 1 || n > MaxRegions || uint64(len(p)) != 36+uint64(n)*16 {
+		return nil, bad("%d regions in %d bytes", n, len(p))
+	}
+	var total uint64
+	for i := uint32(0); i < n; i++ {
+		r := region{binary.LittleEndian.Uint64(p[36+16*i:]), binary.LittleEndian.Uint64(p[44+16*i:])}
+		end, c := bits.Add64(r.gpa, r.size, 0)
+		if r.gpa%chunkBytes != 0 || r.size == 0 || r.size%pageSize != 0 || c != 0 || end > MaxMemSize*2 {
+			return nil, bad("region %d at %#x size %#x", i, r.gpa, r.size)
+		}
+		if i > 0 && r.gpa < h.regions[i-1].gpa+h.regions[i-1].size {
+			return nil, bad("regions out of order or overlapping")
+		}
+		total += r.size
+		h.regions = append(h.regions, r)
+	}
+	if total != h.memSize {
+		return nil, bad("regions hold %d bytes, memory size %d", total, h.memSize)
+	}
+	return h, nil
+}
+
+// chunkHeader is the start of pages, zero and hashref frames.
+type chunkHeader struct {
+	gpa  uint64
+	mask uint64
+}
+
+func appendChunkHeader(b []byte, gpa, mask uint64) []byte {
+	b = binary.LittleEndian.AppendUint64(b, gpa)
+	return binary.LittleEndian.AppendUint64(b, mask)
+}
+
+func parseChunkHeader(f frame) (chunkHeader, []byte, error) {
+	if len(f.payload) < 16 {
+		return chunkHeader{}, nil, &ProtocolError{f.off, fmt.Sprintf("%s frame of %d bytes", frameName(f.typ), len(f.payload))}
+	}
+	c := chunkHeader{binary.LittleEndian.Uint64(f.payload), binary.LittleEndian.Uint64(f.payload[8:])}
+	if c.gpa%chunkBytes != 0 || c.mask == 0 {
+		return c, nil, &ProtocolError{f.off, fmt.Sprintf("%s frame: chunk %#x mask %#x", frameName(f.typ), c.gpa, c.mask)}
+	}
+	return c, f.payload[16:], nil
+}
