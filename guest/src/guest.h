@@ -42,4 +42,24 @@ static inline void serial_putc(char c)
 	outb(COM1, (u8)c);
 }
 
+/* ---- main.c services other files use ---- */
+#define MAX_ARGS 16
+extern char *argv[MAX_ARGS];
+extern int argc;
+extern u64 tsc_khz;                 /* set by time_init */
+void *memset(void *d, int c, unsigned long n);
+void *memcpy(void *d, const void *s, unsigned long n);
+int streq(const char *a, const char *b);
+void puts_(const char *s);          /* '\n' becomes "\r\n" */
+void putu(u64 v);
+void puthex(u64 v);
+void guest_exit(int code);
+void time_init(void);
+int parse_u64(const char *s, u64 *out);
+int parse_size(const char *s, u64 *out);
+int is_ram(u64 lo, u64 hi);         /* [lo, hi) is RAM in the PVH memmap */
+
+/* ---- modes in other files ---- */
+int mode_blk(void);                 /* virtio_blk.c */
+
 #endif

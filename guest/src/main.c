@@ -2,7 +2,7 @@
  * main.c: the CPL3 part of the Collective workload guest. Entered from
  * boot.S (user_start) with IOPL=3 and IF=0; everything here runs at native
  * speed under kvm-pvm. Modes are chosen by the first word of the PVH command
- * line: hello, spin, dirty, exits, smp, fault.
+ * line: hello, spin, dirty, exits, smp, fault, echo, rtc, blk (virtio_blk.c).
  */
 #include "guest.h"
 
@@ -32,13 +32,12 @@ struct hvm_memmap_entry {
 
 #define CMDLINE_MAX 4096
 #define MEMMAP_MAX 128
-#define MAX_ARGS 16
 
 static char cmdline[CMDLINE_MAX];
 static struct hvm_memmap_entry memmap[MEMMAP_MAX];
 static u32 memmap_n;
-static char *argv[MAX_ARGS];
-static int argc;
+char *argv[MAX_ARGS];
+int argc;
 
 extern u8 ap_tramp_start[], ap_tramp_end[];
 extern volatile u32 ap_count;
@@ -84,7 +83,7 @@ int memcmp(const void *a, const void *b, unsigned long n)
 	return 0;
 }
 
-static int streq(const char *a, const char *b)
+int streq(const char *a, const char *b)
 {
 	while (*a && *a == *b)
 		a++, b++;
@@ -93,7 +92,7 @@ static int streq(const char *a, const char *b)
 
 /* ---- output ---- */
 
-static void puts_(const char *s)
+void puts_(const char *s)
 {
 	while (*s) {
 		if (*s == '\n')
@@ -102,7 +101,7 @@ static void puts_(const char *s)
 	}
 }
 
-static void putu(u64 v)
+void putu(u64 v)
 {
 	char b[24];
 	int i = 0;
@@ -114,7 +113,7 @@ static void putu(u64 v)
 		serial_putc(b[i]);
 }
 
-static void puthex(u64 v)
+void puthex(u64 v)
 {
 	puts_("0x");
 	int started = 0;
@@ -178,7 +177,7 @@ static void pic_mask(void)
 
 /* ---- time ---- */
 
-static u64 tsc_khz;
+u64 tsc_khz;
 
 static void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
 {
@@ -225,7 +224,7 @@ static u64 pit_calibrate(void)
 	return khz;
 }
 
-static void time_init(void)
+void time_init(void)
 {
 	u32 a, b, c, d;
 	const char *src;
@@ -271,7 +270,7 @@ static void delay_us(u64 us)
 
 /* ---- argument parsing ---- */
 
-static int parse_u64(const char *s, u64 *out)
+int parse_u64(const char *s, u64 *out)
 {
 	u64 v = 0;
 	if (!*s)
@@ -285,7 +284,7 @@ static int parse_u64(const char *s, u64 *out)
 }
 
 /* SIZE: decimal with optional K, M or G suffix (powers of two). */
-static int parse_size(const char *s, u64 *out)
+int parse_size(const char *s, u64 *out)
 {
 	u64 v = 0;
 	int digits = 0;
@@ -443,7 +442,7 @@ static u64 check_page(u64 gpa, u32 gen, u64 pass)
 }
 
 /* Is [lo, hi) RAM according to the memmap? */
-static int is_ram(u64 lo, u64 hi)
+int is_ram(u64 lo, u64 hi)
 {
 	if (!memmap_n)
 		return 1; /* no map (start_info v0): trust the user */
@@ -766,7 +765,7 @@ int guest_main(struct hvm_start_info *si)
 	pic_mask();
 	split_cmdline();
 	if (argc == 0)
-		fail("no mode on the command line (hello, spin, dirty, exits, smp, fault, echo, rtc)", 2);
+		fail("no mode on the command line (hello, spin, dirty, exits, smp, fault, echo, rtc, blk)", 2);
 	const char *m = argv[0];
 	if (streq(m, "hello"))
 		return mode_hello();
@@ -784,8 +783,10 @@ int guest_main(struct hvm_start_info *si)
 		return mode_echo();
 	if (streq(m, "rtc"))
 		return mode_rtc();
+	if (streq(m, "blk"))
+		return mode_blk();
 	puts_("collective-guest: unknown mode ");
 	puts_(m);
-	puts_(" (hello, spin, dirty, exits, smp, fault, echo, rtc)\n");
+	puts_(" (hello, spin, dirty, exits, smp, fault, echo, rtc, blk)\n");
 	return 2;
 }
