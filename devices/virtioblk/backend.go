@@ -219,12 +219,17 @@ func ParseDisk(s string) (DiskSpec, error) {
 
 var _ Backend = (*cow.Overlay)(nil)
 
-// Open opens the disk a DiskSpec names: with base=, or on a file that is
-// an overlay, a copy-on-write overlay (created over the base if Path does
-// not exist); otherwise a raw file.
+// Open opens the disk a DiskSpec names: with base=, a copy-on-write
+// overlay (created over the base if Path does not exist); otherwise a raw
+// file. An overlay without base= is refused rather than opened raw; the
+// base path recorded in it is not followed, since a guest could have
+// written that header into its own raw disk.
 func Open(spec DiskSpec) (*Block, error) {
 	var be Backend
-	if spec.Base != "" || cow.IsOverlay(spec.Path) {
+	if spec.Base == "" && cow.IsOverlay(spec.Path) {
+		return nil, fmt.Errorf("virtioblk: %s is a copy-on-write overlay: give base=BASE", spec.Path)
+	}
+	if spec.Base != "" {
 		if spec.Direct {
 			return nil, fmt.Errorf("virtioblk: %s: direct is only supported on raw disks", spec.Path)
 		}

@@ -10,8 +10,8 @@ import (
 	"collective/devices/virtioblk"
 )
 
-// TestDiskSpecBase: --disk PATH,base=BASE creates the overlay, and PATH
-// alone then opens it as an overlay again (never as a raw file).
+// TestDiskSpecBase: --disk PATH,base=BASE creates the overlay and opens
+// it again; PATH alone is refused (never opened as a raw file).
 func TestDiskSpecBase(t *testing.T) {
 	dir := t.TempDir()
 	base, ov := filepath.Join(dir, "base.img"), filepath.Join(dir, "vm.cow")
@@ -34,7 +34,13 @@ func TestDiskSpecBase(t *testing.T) {
 	if err := be.Close(); err != nil {
 		t.Fatal(err)
 	}
-	spec, _ = virtioblk.ParseDisk(ov + ",ro")
+	// Without base= an overlay is refused, not opened raw, and the base
+	// path in its header is not followed.
+	spec, _ = virtioblk.ParseDisk(ov)
+	if _, err := virtioblk.Open(spec); err == nil || !strings.Contains(err.Error(), "give base=") {
+		t.Fatalf("overlay without base=: %v", err)
+	}
+	spec, _ = virtioblk.ParseDisk(ov + ",ro,base=" + base)
 	blk, err = virtioblk.Open(spec)
 	if err != nil {
 		t.Fatal(err)

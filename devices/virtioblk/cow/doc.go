@@ -84,7 +84,10 @@
 //
 // # Security
 //
-// The overlay file is untrusted (it may come from another host). Memory
+// The overlay file is untrusted (it may come from another host, or be a
+// guest's raw disk that starts with our magic: virtioblk therefore opens
+// an overlay only when given base= and never follows the header's base
+// path hint, which only the operator's commands use). Memory
 // allocated at open is bounded by the table size, itself bounded by the
 // virtual size, MaxClusters and the file's length (4 bytes and 3 bits per
 // cluster: at most about 70 MiB). The base hash cache (an xattr or a
