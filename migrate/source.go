@@ -630,7 +630,12 @@ func (s *sender) sendRound(round int, cand [][]uint64, final bool) (RoundStat, e
 			}
 		}
 	}
+	// While the guest runs, leave it a CPU: encoders that starve the
+	// vCPUs slow the guest and the round alike. Paused, use them all.
 	nw := runtime.GOMAXPROCS(0)
+	if !final && nw > 1 {
+		nw--
+	}
 	if !final {
 		s.decideCompression(round)
 	}

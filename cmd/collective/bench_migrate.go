@@ -183,7 +183,8 @@ func migrateOurs(self, elf, cmdline string, memMiB int) (migResult, error) {
 	if err != nil {
 		return migResult{}, err
 	}
-	tgt, err := startProc([]string{self, "run", "--incoming", addr, "--serial", "file:" + filepath.Join(dir, "tgt.out")})
+	// The target knows the size, as QEMU's does (-m).
+	tgt, err := startProc([]string{self, "run", "--incoming", addr, "--mem", fmt.Sprintf("%dM", memMiB), "--serial", "file:" + filepath.Join(dir, "tgt.out")})
 	if err != nil {
 		return migResult{}, err
 	}

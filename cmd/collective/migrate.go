@@ -154,7 +154,11 @@ func (t *incomingMachine) TSCKHz() uint64 {
 
 // runIncoming is collective run --incoming ADDR: wait for one migration,
 // then run the machine it brings like collective run does.
-func runIncoming(addr string, console io.Writer, input bool, apiPath, cacheDir string, log *slog.Logger) int {
+//
+// With pre.MemSize set (run --incoming --mem SIZE --cpus N, like QEMU's
+// target, which is started with its size) the bare machine is built
+// before the source connects, and used if the source's hello matches.
+func runIncoming(addr string, pre machine.Config, console io.Writer, input bool, apiPath, cacheDir string, log *slog.Logger) int {
 	failf := func(format string, a ...any) int {
 		fmt.Fprintf(os.Stderr, "collective run --incoming: "+format+"\n", a...)
 		return 1
@@ -166,6 +170,15 @@ func runIncoming(addr string, console io.Writer, input bool, apiPath, cacheDir s
 			return failf("%v", err)
 		}
 		fmt.Fprintf(os.Stderr, "collective run: cache %s: %d pages from %d snapshot(s)\n", cacheDir, cache.Len(), cache.Files)
+	}
+	var prebuilt *machine.Machine
+	if pre.MemSize != 0 {
+		pre.Console, pre.Log = console, log
+		m, err := machine.NewBare(pre)
+		if err != nil {
+			return failf("%v", err)
+		}
+		prebuilt = m
 	}
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -179,6 +192,9 @@ func runIncoming(addr string, console io.Writer, input bool, apiPath, cacheDir s
 	stopAccept()
 	l.Close()
 	if err != nil {
+		if prebuilt != nil {
+			prebuilt.Close()
+		}
 		return failf("no migration came: %v", err)
 	}
 	if tc, ok := conn.(*net.TCPConn); ok {
@@ -189,15 +205,25 @@ func runIncoming(addr string, console io.Writer, input bool, apiPath, cacheDir s
 	in, err := migrate.Receive(ctx, conn, migrate.ReceiveOptions{
 		Cache: cache,
 		Build: func(size uint64, cpus int) (migrate.Target, error) {
-			m, err := machine.NewBare(machine.Config{MemSize: size, CPUs: cpus, Console: console, Log: log})
-			if err != nil {
-				return nil, err
+			m := prebuilt
+			prebuilt = nil
+			if m == nil || m.Config().MemSize != size || m.Config().CPUs != cpus {
+				if m != nil {
+					m.Close()
+				}
+				var err error
+				if m, err = machine.NewBare(machine.Config{MemSize: size, CPUs: cpus, Console: console, Log: log}); err != nil {
+					return nil, err
+				}
 			}
 			tgt = &incomingMachine{m: m, ctx: ctx, exit: make(chan machine.Exit, 1)}
 			return tgt, nil
 		},
 	})
 	conn.Close()
+	if prebuilt != nil {
+		prebuilt.Close()
+	}
 	if err != nil {
 		return failf("migration from %s failed, nothing kept: %v", conn.RemoteAddr(), err)
 	}

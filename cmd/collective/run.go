@@ -85,7 +85,13 @@ func runCmd(args []string) int {
 	}
 
 	if *incoming != "" {
-		return runIncoming(*incoming, console, input, *apiPath, *cacheDir, log)
+		var pre machine.Config // --mem given: build the machine before the source connects
+		fs.Visit(func(f *flag.Flag) {
+			if f.Name == "mem" {
+				pre = machine.Config{MemSize: size, CPUs: *cpus}
+			}
+		})
+		return runIncoming(*incoming, pre, console, input, *apiPath, *cacheDir, log)
 	}
 	m, err := machine.New(machine.Config{
 		Kernel: *kernel, Initrd: *initrd, Cmdline: *cmdline,
