@@ -218,9 +218,15 @@ func (o *Overlay) WriteAt(p []byte, off int64) (int, error) {
 	done := 0
 	for done < len(p) {
 		pos := off + int64(done)
-		n := int(min(o.cs-pos&(o.cs-1), int64(len(p)-done)))
-		if err := o.writeCluster(p[done:done+n], pos); err != nil {
+		n, err := o.writeRun(p[done:], pos)
+		if err != nil {
 			return done, err
+		}
+		if n == 0 {
+			n = int(min(o.cs-pos&(o.cs-1), int64(len(p)-done)))
+			if err := o.writeCluster(p[done:done+n], pos); err != nil {
+				return done, err
+			}
 		}
 		done += n
 	}
@@ -228,25 +234,35 @@ func (o *Overlay) WriteAt(p []byte, off int64) (int, error) {
 	return done, nil
 }
 
-// writeCluster writes p, which lies within one cluster, at off.
+// writeRun writes the longest prefix of p that lies in allocated clusters
+// contiguous in the overlay, in place and with one call; 0 if the first
+// cluster is not allocated.
+func (o *Overlay) writeRun(p []byte, off int64) (int, error) {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	if o.err != nil {
+		return 0, o.err
+	}
+	vc := off >> o.shift
+	val := o.table[vc]
+	if !isPhys(val) {
+		return 0, nil
+	}
+	end := (vc + 1) << o.shift
+	for end < off+int64(len(p)) && o.table[end>>o.shift] == val+uint32(end>>o.shift-vc) {
+		end += o.cs
+	}
+	n := int(min(end-off, int64(len(p))))
+	if _, err := o.f.WriteAt(p[:n], int64(val)<<o.shift+off&(o.cs-1)); err != nil {
+		return 0, fmt.Errorf("cow: write at %d: %w", off, err)
+	}
+	return n, nil
+}
+
+// writeCluster writes p, which lies within one cluster, at off, allocating
+// the cluster if it is still unallocated.
 func (o *Overlay) writeCluster(p []byte, off int64) error {
 	vc := off >> o.shift
-	o.mu.RLock()
-	if o.err != nil {
-		o.mu.RUnlock()
-		return o.err
-	}
-	if val := o.table[vc]; isPhys(val) {
-		// In place: mu held for reading keeps the cluster mapped.
-		_, err := o.f.WriteAt(p, int64(val)<<o.shift+off&(o.cs-1))
-		o.mu.RUnlock()
-		if err != nil {
-			return fmt.Errorf("cow: write at %d: %w", off, err)
-		}
-		return nil
-	}
-	o.mu.RUnlock()
-
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.err != nil {
