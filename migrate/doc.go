@@ -61,6 +61,9 @@
 //	T->S resumed  (12) u64 nanoseconds from commit received to vCPUs started
 //	T->S info     (13) JSON {guest_gap_ns, guest_mode}: the guest's heartbeat
 //	either error  (14) UTF-8 message (<= MaxErrorText); the sender closes
+//	T->S round-ack (15) u32 round number: the round is applied; the source
+//	                   waits for it before deciding, so that the target's
+//	                   backlog never lands in the downtime
 //
 // # Faults
 //

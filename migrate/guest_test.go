@@ -307,4 +307,3 @@ func TestMigrateFaultsWorkloadGuest(t *testing.T) {
 		})
 	}
 }
-

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"net"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -15,6 +16,7 @@ import (
 	"collective/kvm/boot"
 	"collective/kvm/guestmem"
 	"collective/machine"
+	"collective/snapshot"
 )
 
 // World 1: a fake source and target over fake guest memory and loopback
@@ -376,4 +378,49 @@ func TestMigrateFaults(t *testing.T) {
 			t.Fatalf("target: %v resumed %v", p.tgtErr, p.tgt.resumed.Load())
 		}
 	})
+}
+
+// TestHashTransfer: the target holds a snapshot of the source's memory;
+// the source sends hashes for those pages, and the memories still match.
+func TestHashTransfer(t *testing.T) {
+	src := newFakeSource(t, testMem)
+	dir := t.TempDir()
+	if _, err := snapshot.WriteFull(filepath.Join(dir, "base.snap"), src.mem, fakeState(testMem), false); err != nil {
+		t.Fatal(err)
+	}
+	// The guest changes some pages after the snapshot.
+	src.mem.WriteAt(bytes.Repeat([]byte{9}, 3*4096), 0x200000)
+	cache, err := LoadCache(dir)
+	if err != nil || cache.Len() == 0 {
+		t.Fatalf("cache: %v, %d pages", err, cache.Len())
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var tgt *fakeTarget
+	done := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			done <- err
+			return
+		}
+		defer c.Close()
+		_, err = Receive(context.Background(), c, ReceiveOptions{Build: fakeBuilder(&tgt), Cache: cache})
+		done <- err
+	}()
+	rep, err := Migrate(context.Background(), src, l.Addr().String(), Options{Compress: "never"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	sameMem(t, src.mem, tgt.mem)
+	if rep.Pages.HashHit == 0 || rep.Pages.Full > 8 || rep.BytesWire > rep.NonZeroBytes/10 {
+		t.Fatalf("pages %+v, wire %d for %d non-zero bytes", rep.Pages, rep.BytesWire, rep.NonZeroBytes)
+	}
+	t.Logf("pages %+v, %d bytes on the wire for %d non-zero bytes (%d hashes announced)", rep.Pages, rep.BytesWire, rep.NonZeroBytes, rep.HashesAnnounced)
 }

@@ -323,6 +323,12 @@ func (s *sender) run(ctx context.Context) error {
 			return err
 		}
 		s.rep.Rounds = round + 1
+		// Wait until the target has applied the round (its backlog would
+		// otherwise land in the downtime), then read the logs.
+		if _, err := s.await(frameRoundAck, "round acknowledgement"); err != nil {
+			return err
+		}
+		st.MS = ms(time.Since(s.start)) - st.StartMS
 		if cand, err = s.takeDirty(); err != nil {
 			return err
 		}
@@ -528,17 +534,22 @@ func (s *sender) await(typ byte, what string) (frame, error) {
 func (s *sender) awaitTimeout(typ byte, what string, d time.Duration) (frame, error) {
 	t := time.NewTimer(d)
 	defer t.Stop()
-	select {
-	case f, ok := <-s.replies:
-		if !ok {
-			return frame{}, fmt.Errorf("waiting for the target's %s: %w", what, s.checkPeer())
+	for {
+		select {
+		case f, ok := <-s.replies:
+			if !ok {
+				return frame{}, fmt.Errorf("waiting for the target's %s: %w", what, s.checkPeer())
+			}
+			if f.typ == frameRoundAck && typ != frameRoundAck {
+				continue // the stop-and-copy round's, not waited for
+			}
+			if f.typ != typ {
+				return frame{}, &ProtocolError{f.off, fmt.Sprintf("expected %s, got %s", what, frameName(f.typ))}
+			}
+			return f, nil
+		case <-t.C:
+			return frame{}, fmt.Errorf("migrate: no %s from the target within %v", what, d)
 		}
-		if f.typ != typ {
-			return frame{}, &ProtocolError{f.off, fmt.Sprintf("expected %s, got %s", what, frameName(f.typ))}
-		}
-		return f, nil
-	case <-t.C:
-		return frame{}, fmt.Errorf("migrate: no %s from the target within %v", what, d)
 	}
 }
 

@@ -219,6 +219,11 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 			if len(f.payload) != 16 || binary.LittleEndian.Uint32(f.payload) != uint32(round) {
 				return nil, &ProtocolError{f.off, fmt.Sprintf("round frame out of sequence (want round %d)", round)}
 			}
+			// Acknowledged once applied: the source pauses only when the
+			// target has caught up, so no backlog hides in the downtime.
+			if err := r.fw.send(frameRoundAck, f.payload[:4]); err == nil {
+				err = r.fw.flush()
+			}
 			round++
 			r.stats.Rounds = round
 			if r.opts.Progress != nil {

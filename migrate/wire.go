@@ -20,27 +20,28 @@ const (
 
 // Frame types.
 const (
-	frameHello   = 1  // S->T: version, memory layout
-	frameWelcome = 2  // T->S: version, flags, number of announced hashes
-	frameHashes  = 3  // T->S: page hashes the target holds
-	framePages   = 4  // S->T: full pages of one chunk, plain or lz4
-	frameZero    = 5  // S->T: pages of one chunk that are now zero
-	frameHashRef = 6  // S->T: pages of one chunk sent by hash
-	frameRound   = 7  // S->T: end of a round
-	frameState   = 8  // S->T: machine state (JSON), vCPUs paused
-	frameEnd     = 9  // S->T: everything is sent; restore
-	frameReady   = 10 // T->S: restored, waiting for commit
-	frameCommit  = 11 // S->T: resume now (the source will never resume)
-	frameResumed = 12 // T->S: the machine runs on the target
-	frameInfo    = 13 // T->S: JSON figures (guest-observed gap)
-	frameError   = 14 // either way: a message, then the sender closes
+	frameHello    = 1  // S->T: version, memory layout
+	frameWelcome  = 2  // T->S: version, flags, number of announced hashes
+	frameHashes   = 3  // T->S: page hashes the target holds
+	framePages    = 4  // S->T: full pages of one chunk, plain or lz4
+	frameZero     = 5  // S->T: pages of one chunk that are now zero
+	frameHashRef  = 6  // S->T: pages of one chunk sent by hash
+	frameRound    = 7  // S->T: end of a round
+	frameState    = 8  // S->T: machine state (JSON), vCPUs paused
+	frameEnd      = 9  // S->T: everything is sent; restore
+	frameReady    = 10 // T->S: restored, waiting for commit
+	frameCommit   = 11 // S->T: resume now (the source will never resume)
+	frameResumed  = 12 // T->S: the machine runs on the target
+	frameInfo     = 13 // T->S: JSON figures (guest-observed gap)
+	frameError    = 14 // either way: a message, then the sender closes
+	frameRoundAck = 15 // T->S: a round is applied
 )
 
 var frameNames = map[byte]string{
 	frameHello: "hello", frameWelcome: "welcome", frameHashes: "hashes", framePages: "pages",
 	frameZero: "zero", frameHashRef: "hashref", frameRound: "round", frameState: "state",
 	frameEnd: "end", frameReady: "ready", frameCommit: "commit", frameResumed: "resumed",
-	frameInfo: "info", frameError: "error",
+	frameInfo: "info", frameError: "error", frameRoundAck: "round-ack",
 }
 
 func frameName(t byte) string {
