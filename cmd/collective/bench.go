@@ -80,7 +80,7 @@ func benchCmd(args []string) int {
 	for _, b := range []struct {
 		name string
 		f    func([]peer, string, int, int) error
-	}{{"boot", benchBoot}, {"exits", benchExits}, {"memory", benchMemory}, {"snapshot", benchSnapshot}, {"migrate", benchMigrate}} {
+	}{{"boot", benchBoot}, {"exits", benchExits}, {"memory", benchMemory}, {"snapshot", benchSnapshot}, {"blk", benchBlk}, {"migrate", benchMigrate}} {
 		if which != "all" && which != b.name {
 			continue
 		}

@@ -476,7 +476,10 @@ static void kick(void)
 /* reap returns the slot of the next completed request, or -1 if none. */
 static int reap(u32 *len)
 {
-	if (vb.used->idx == vb.used_idx)
+	/* Only 1..inflight new entries are possible: anything else is a torn
+	 * read of an index the device writes byte by byte; read it again. */
+	u16 n = (u16)(vb.used->idx - vb.used_idx);
+	if (n == 0 || n > vb.inflight)
 		return -1;
 	barrier(); /* read the entry after the index (x86 keeps load order) */
 	volatile struct vq_used_elem *e = &vb.used->ring[vb.used_idx % vb.qsize];
