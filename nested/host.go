@@ -61,7 +61,8 @@ type Options struct {
 	CPUs       int              // L1's vCPUs; 0 means 2
 	// BootTimeout bounds building the initramfs and booting L1; 0 means 3 minutes.
 	BootTimeout time.Duration
-	// Console gets L1's console (ttyS0) except during RunConsole; may be nil.
+	// Console gets L1's kernel console (ttyS0) and its virtio console
+	// (hvc0) outside RunConsole; may be nil.
 	Console io.Writer
 	// Logf reports progress (building, booting); may be nil.
 	Logf func(format string, args ...any)
@@ -79,8 +80,10 @@ type Host struct {
 
 	cmd    *exec.Cmd
 	dir    string
-	con    *stream
-	ctl    *stream
+	log    *stream  // ttyS0: kernel messages, boot failures
+	con    *stream  // hvc0: RunConsole jobs
+	ctl    *stream  // virtio-serial port nested.ctl
+	logC   net.Conn // ttyS0
 	conW   net.Conn // console input
 	ctlW   net.Conn // control input
 	exited chan struct{}
@@ -235,7 +238,7 @@ func writeInitrdFile(ctx context.Context, name string, l layout) error {
 }
 
 // qemuArgs returns the command line that boots L1.
-func qemuArgs(opts Options, initrd, conSock, ctlSock string) []string {
+func qemuArgs(opts Options, initrd, logSock, conSock, ctlSock string) []string {
 	mem, cpus := opts.MemoryMiB, opts.CPUs
 	if mem <= 0 {
 		mem = defaultMemMiB
@@ -252,8 +255,10 @@ func qemuArgs(opts Options, initrd, conSock, ctlSock string) []string {
 		"-no-reboot", "-no-user-config", "-nodefaults",
 		"-kernel", opts.Kernel.BzImage, "-initrd", initrd,
 		"-append", "console=ttyS0 quiet panic=-1 tsc=reliable",
-		"-chardev", "socket,id=con,path=" + conSock, "-serial", "chardev:con",
-		"-chardev", "socket,id=ctl,path=" + ctlSock, "-serial", "chardev:ctl",
+		"-chardev", "socket,id=log,path=" + logSock, "-serial", "chardev:log",
+		"-device", "virtio-serial-pci,id=vs",
+		"-chardev", "socket,id=con,path=" + conSock, "-device", "virtconsole,bus=vs.0,chardev=con,name=nested.con",
+		"-chardev", "socket,id=ctl,path=" + ctlSock, "-device", "virtserialport,bus=vs.0,chardev=ctl,name=nested.ctl",
 	}
 	if opts.Share != "" {
 		args = append(args, "-virtfs", "local,path="+opts.Share+",mount_tag=host,security_model=none,id=host")
@@ -263,29 +268,33 @@ func qemuArgs(opts Options, initrd, conSock, ctlSock string) []string {
 
 // boot starts QEMU and waits for L1's READY marker.
 func boot(ctx context.Context, qemu, dir, initrd string, opts Options) (*Host, error) {
-	conSock, ctlSock := filepath.Join(dir, "con.sock"), filepath.Join(dir, "ctl.sock")
-	conL, err := net.Listen("unix", conSock)
-	if err != nil {
-		return nil, fmt.Errorf("nested: %w", err)
+	socks := []string{filepath.Join(dir, "log.sock"), filepath.Join(dir, "con.sock"), filepath.Join(dir, "ctl.sock")}
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	for _, p := range socks {
+		l, err := net.Listen("unix", p)
+		if err != nil {
+			return nil, fmt.Errorf("nested: %w", err)
+		}
+		ls = append(ls, l)
 	}
-	defer conL.Close()
-	ctlL, err := net.Listen("unix", ctlSock)
-	if err != nil {
-		return nil, fmt.Errorf("nested: %w", err)
-	}
-	defer ctlL.Close()
 
 	nonce := make([]byte, 4)
 	rand.Read(nonce)
 	h := &Host{
 		dir:    dir,
+		log:    newStream(true, opts.Console),
 		con:    newStream(false, opts.Console),
 		ctl:    newStream(true, nil),
 		exited: make(chan struct{}),
 		nonce:  hex.EncodeToString(nonce),
 	}
 	var stderr bytes.Buffer
-	h.cmd = exec.Command(qemu, qemuArgs(opts, initrd, conSock, ctlSock)...)
+	h.cmd = exec.Command(qemu, qemuArgs(opts, initrd, socks[0], socks[1], socks[2])...)
 	h.cmd.Stderr = &limitedBuffer{b: &stderr, max: 16 << 10}
 	// QEMU dies with the process that started it, even when that one is
 	// killed (a test binary past its -timeout).
@@ -309,44 +318,60 @@ func boot(ctx context.Context, qemu, dir, initrd string, opts Options) (*Host, e
 		if s := strings.TrimSpace(stderr.String()); s != "" {
 			msg += "; QEMU stderr: " + s
 		}
-		if t := strings.TrimSpace(h.con.tailString()); t != "" {
+		if t := strings.TrimSpace(h.log.tailString()); t != "" {
 			msg += "\nL1 console (tail):\n" + t
 		}
 		return nil, errors.New("nested: " + msg)
 	}
 
-	// QEMU connects to both sockets while it sets up its character
+	// QEMU connects to the sockets while it sets up its character
 	// devices, before the guest runs.
-	conns := make([]net.Conn, 2)
-	for i, l := range []net.Listener{conL, ctlL} {
+	conns := make([]net.Conn, len(ls))
+	for i, l := range ls {
 		c, err := accept(ctx, l, h.exited)
 		if err != nil {
 			return fail(fmt.Errorf("QEMU did not connect its serial ports: %w", err))
 		}
 		conns[i] = c
 	}
-	h.conW, h.ctlW = conns[0], conns[1]
+	h.logC, h.conW, h.ctlW = conns[0], conns[1], conns[2]
+	go h.log.pump(h.logC)
 	go h.con.pump(h.conW)
 	go h.ctl.pump(h.ctlW)
 
-	var fields []string
+	// READY comes on the control port; FAIL on ttyS0, which works before
+	// the virtio modules are loaded.
 	var failed string
-	err = h.ctl.take(ctx, func(b []byte) (int, bool) {
-		if i, end, f := findMarker(b, "FAIL", ""); i >= 0 {
-			failed = strings.Join(f, " ")
-			return end, true
-		}
+	bootCtx, bootCancel := context.WithCancel(ctx)
+	defer bootCancel()
+	logDone := make(chan struct{})
+	go func() {
+		defer close(logDone)
+		h.log.take(bootCtx, func(b []byte) (int, bool) {
+			if i, end, f := findMarker(b, "FAIL", ""); i >= 0 {
+				failed = strings.Join(f, " ")
+				bootCancel()
+				return end, true
+			}
+			return max(len(b)-4096, 0), false
+		})
+	}()
+	var fields []string
+	err := h.ctl.take(bootCtx, func(b []byte) (int, bool) {
 		if i, end, f := findMarker(b, "READY", ""); i >= 0 {
 			fields = f
 			return end, true
 		}
 		return 0, false
 	})
+	bootCancel()
+	<-logDone
+	h.log.setKeep(false)
 	switch {
-	case err != nil:
-		return fail(fmt.Errorf("L1 did not become ready after %s: %w", time.Since(start).Round(time.Millisecond), err))
 	case failed != "":
 		return fail(fmt.Errorf("L1 failed: %s", failed))
+	case err != nil:
+		return fail(fmt.Errorf("L1 did not become ready after %s: %w", time.Since(start).Round(time.Millisecond), err))
 	}
 	h.BootTime = time.Since(start)
 	if len(fields) > 0 {
@@ -399,8 +424,11 @@ func (l *limitedBuffer) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// ConsoleTail returns the last bytes of L1's console, for diagnostics.
-func (h *Host) ConsoleTail() string { return h.con.tailString() }
+// ConsoleTail returns the last bytes of L1's consoles (ttyS0, then hvc0),
+// for diagnostics.
+func (h *Host) ConsoleTail() string {
+	return h.log.tailString() + "\n[hvc0]\n" + h.con.tailString()
+}
 
 // Close kills QEMU and removes the Host's temporary files. It waits at most
 // a few seconds and may be called more than once.
@@ -420,7 +448,7 @@ func (h *Host) Close() error {
 		case <-h.exited:
 		case <-time.After(closeTimeout):
 		}
-		for _, c := range []net.Conn{h.conW, h.ctlW} {
+		for _, c := range []net.Conn{h.logC, h.conW, h.ctlW} {
 			if c != nil {
 				c.Close()
 			}
@@ -485,7 +513,9 @@ func (h *Host) waitExit(ctx context.Context, id string) (out []byte, status int,
 		return end, true
 	})
 	if err != nil {
-		return buf.Bytes(), -1, h.kill(fmt.Errorf("no answer from L1 for script %s: %w", id, err))
+		got := buf.String() + string(h.ctl.pending())
+		return buf.Bytes(), -1, h.kill(fmt.Errorf("no answer from L1 for script %s: %w; control channel's last bytes: %q",
+			id, err, got[max(len(got)-300, 0):]))
 	}
 	if len(fields) < 2 {
 		return buf.Bytes(), -1, h.kill(fmt.Errorf("bad EXIT marker for script %s: %q", id, fields))
@@ -518,7 +548,7 @@ func (h *Host) Run(ctx context.Context, script string) (output string, status in
 	return string(out), status, err
 }
 
-// RunConsole runs script in L1 on the console (ttyS0, its controlling
+// RunConsole runs script in L1 on the virtio console (hvc0, its controlling
 // terminal): what it prints goes to stdout, and stdin is typed into it
 // once it has started. With raw set the console is in raw mode (no echo,
 // bytes passed as they are: for piped input); otherwise it is a sane

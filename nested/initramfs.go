@@ -22,9 +22,9 @@ import (
 var initScript []byte
 
 // l1Modules are the modules L1 loads, by name; their dependencies come
-// along. kvm_amd gives /dev/kvm; 9pnet_virtio and 9p mount the shared
-// folder (virtio-9p-pci), which needs virtio_pci.
-var l1Modules = []string{"kvm_amd", "virtio_pci", "9pnet_virtio", "9p"}
+// along. kvm_amd gives /dev/kvm; virtio_pci carries virtio_console (the
+// control port and hvc0) and the shared folder (9pnet_virtio, 9p).
+var l1Modules = []string{"kvm_amd", "virtio_pci", "virtio_console", "9pnet_virtio", "9p"}
 
 // qemuFirmware are the files under /usr/share/qemu that QEMU needs to
 // boot a kernel with -M microvm or -M pc and no network card or display.

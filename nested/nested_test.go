@@ -58,7 +58,7 @@ func TestRunSequence(t *testing.T) {
 			defer cancel()
 			out, status, err := h.Run(ctx, tc.script)
 			if err != nil {
-				t.Fatalf("Run: %v", err)
+				t.Fatalf("Run: %v; output %q", err, out)
 			}
 			if out != tc.out || status != tc.status {
 				t.Errorf("got status %d output %q, want %d %q", status, out, tc.status, tc.out)

@@ -73,6 +73,13 @@ func (s *stream) setKeep(keep bool) {
 	s.mu.Unlock()
 }
 
+// pending returns a copy of the collected bytes not consumed yet.
+func (s *stream) pending() []byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]byte(nil), s.buf...)
+}
+
 // tailString returns the last bytes the stream saw.
 func (s *stream) tailString() string {
 	s.mu.Lock()

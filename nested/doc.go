@@ -1,0 +1,69 @@
+// Package nested is the nested test host: the third test world of
+// ../shared/DESIGN.md, where real Linux runs although this machine's KVM
+// (kvm-pvm) cannot boot it.
+//
+// QEMU in software emulation (TCG, -cpu max with SVM and nested paging)
+// boots Debian's kernel as L1 from an initramfs built here; L1 loads
+// kvm_amd and has a real, hardware-style /dev/kvm, in which our collective
+// binary (or QEMU, for benchmarks) boots the default appliance as L2.
+// L1 costs 5-15 s to boot, so a test binary boots one (Shared) and runs
+// many scripts in it.
+//
+// # L1's initramfs
+//
+// An uncompressed newc archive (image/cpio): L1's kernel copies it into
+// its rootfs faster than it would inflate it under TCG.
+//
+//	/init                     init.sh: mounts, insmod, /dev/kvm check, the control loop
+//	/bin/busybox              busybox-static (applets installed at boot)
+//	/bin/collective           CollectivePath: our VMM, statically linked
+//	/lib/modules/kernel/...   kvm_amd, virtio_pci, virtio_console, 9pnet_virtio, 9p and their
+//	                          dependencies; /etc/nested/modules lists the insmod order
+//	/appliance/               ApplianceDir: vmlinux, bzImage, initrd.img, cmdline
+//	/usr/bin/qemu-system-x86_64, its libraries, /usr/share/qemu/...   with WithQEMU
+//
+// Options.Share, a host folder, is mounted read-write at SharePath (/host)
+// through virtio-9p, and scripts start there: a disk image on the host
+// reaches L2 as a relative path.
+//
+// # Control channel
+//
+// QEMU connects three character devices to Unix sockets of the Host:
+// ttyS0 (L1's kernel messages), a virtio console hvc0 (RunConsole jobs)
+// and a virtio-serial port named nested.ctl, the control channel. The
+// channels are virtio rather than 16550 UARTs because under TCG and load
+// the emulated UARTs lost bytes (at times a whole 16-byte FIFO), while
+// virtqueues are flow-controlled. The host sends a header line and the
+// script:
+//
+//	RUN|CON <id> <length> <timeout-s> <tty|raw|->\n<script bytes>
+//
+// L1 runs the script with sh in a session of its own (stdin /dev/null and
+// output on the control port for RUN; hvc0 as its controlling terminal for
+// CON), kills the whole session after the timeout, and answers on the
+// control port with
+//
+//	\n@@NESTED-EXIT <id> <status> ok|timeout@@
+//
+// so a script's output is every byte before that marker. A CON job is
+// announced with \n@@NESTED-STARTED <id>@@ (stdin is typed into hvc0 only
+// after it) and ends on hvc0 with @@NESTED-END <id>@@, after the script's
+// last byte. At boot L1 says \n@@NESTED-READY <uptime>@@ on the control
+// port, or \n@@NESTED-FAIL <reason>@@ on ttyS0 when /dev/kvm or the
+// virtio ports do not appear. Ids carry a random nonce, so a script's
+// output cannot fake another script's end.
+//
+// # Timeouts
+//
+// Every QEMU run is bounded: Start by Options.BootTimeout, each script by
+// its context (L1 kills it a few seconds before the deadline; if L1 does
+// not answer by the deadline, as when it hangs after L2 powers off, the
+// Host kills QEMU). QEMU runs with PDEATHSIG, so it dies with the test
+// binary. Close kills it and waits at most a few seconds.
+//
+// # Security
+//
+// L1 and everything in it are ours; the bytes L1 sends are parsed only for
+// markers and bounded in size (maxStream). The shared folder is writable
+// by L1 as root (security_model=none).
+package nested
