@@ -3,6 +3,7 @@ package guestmem
 import (
 	"bytes"
 	"errors"
+	"sync/atomic"
 	"testing"
 )
 
@@ -159,4 +160,47 @@ func FuzzAccess(f *testing.F) {
 			t.Fatalf("done %d of %d", done, n)
 		}
 	})
+}
+
+// TestWordsNotTorn is the regression test for torn virtqueue indices: a
+// guest moving an index from 0x01ff to 0x0200 in one store must never be
+// read as 0x02ff or 0x0100 (two one-byte moves did that under load).
+func TestWordsNotTorn(t *testing.T) {
+	m, err := NewFake(Range{0, PageSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, ok := m.word32(0)
+	if !ok {
+		t.Skip("fake memory not 4-byte aligned")
+	}
+	atomic.StoreUint32(w, 0xabcd01ff)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 2_000_000; i++ {
+			v := uint32(0x01ff)
+			if i%2 == 1 {
+				v = 0x0200
+			}
+			atomic.StoreUint32(w, 0xabcd0000|v) // the guest's single store
+		}
+	}()
+	for {
+		select {
+		case <-done:
+			// The device's own 16-bit store keeps the other half intact.
+			if err := m.PutUint16(0, 0x1234); err != nil {
+				t.Fatal(err)
+			}
+			if v, _ := m.Uint32(0); v != 0xabcd1234 {
+				t.Fatalf("PutUint16 changed the neighbouring half: %#x", v)
+			}
+			return
+		default:
+		}
+		if v, _ := m.Uint16(0); v != 0x01ff && v != 0x0200 {
+			t.Fatalf("torn read %#x", v)
+		}
+	}
 }
