@@ -13,7 +13,8 @@
 //	POST port      0x80 (writes ignored: Linux uses it as an I/O delay)
 //	PCI            config mechanism 1 at 0xcf8-0xcff, host bridge 00:00.0,
 //	               BARs in [0xc0000000, 0xfec00000), virtio-pci devices
-//	               (virtio-blk per --disk) with MSI-X and ioeventfd doorbells
+//	               (virtio-blk per --disk) with MSI-X and ioeventfd doorbells,
+//	               then pvpanic-pci (1b36:0011): a guest panic ends the VM
 //	PIC, IOAPIC, LAPIC, PIT: in the kernel (KVM)
 //	RAM            [0, 3 GiB) and, above 3 GiB of RAM, [4 GiB, ...)
 //	MMIO hole      [3 GiB, 4 GiB)
@@ -39,6 +40,7 @@ import (
 	"collective/devices/debugexit"
 	"collective/devices/i8042"
 	"collective/devices/pci"
+	"collective/devices/pvpanic"
 	"collective/devices/rtc"
 	"collective/devices/serial"
 	"collective/kvm"
@@ -88,10 +90,12 @@ const (
 	ExitStopped
 	// ExitError: a vCPU failed (internal error, failed entry).
 	ExitError
+	// ExitPanic: the guest kernel reported a panic (pvpanic).
+	ExitPanic
 )
 
 func (r ExitReason) String() string {
-	return [...]string{"debug-exit", "poweroff", "reset", "stopped", "error"}[r]
+	return [...]string{"debug-exit", "poweroff", "reset", "stopped", "error", "panic"}[r]
 }
 
 // Exit is the outcome of Run.
@@ -118,8 +122,9 @@ type Machine struct {
 	I8042     *i8042.I8042
 	DebugExit *debugexit.DebugExit
 
-	pci    *pci.Bus
-	virtio []*virtioDev
+	pci     *pci.Bus
+	virtio  []*virtioDev
+	pvpanic *pvpanic.Device
 
 	exitOnce sync.Once
 	exit     Exit
@@ -245,6 +250,9 @@ func (m *Machine) build() error {
 		if err := m.addDisk(d); err != nil {
 			return err
 		}
+	}
+	if err := m.addPVPanic(); err != nil {
+		return err
 	}
 	var tscKHz uint32
 	for i := 0; i < m.cfg.CPUs; i++ {

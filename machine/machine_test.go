@@ -255,8 +255,11 @@ func TestDisks(t *testing.T) {
 			t.Errorf("slot %d: vendor/device %#x, want virtio-blk 1af4:1042", slot, v)
 		}
 	}
-	if v := vendor(3); v != 0xffffffff {
-		t.Errorf("empty slot 3 reads %#x", v)
+	if v := vendor(3); v != 0x00111b36 {
+		t.Errorf("slot 3: vendor/device %#x, want pvpanic 1b36:0011", v)
+	}
+	if v := vendor(4); v != 0xffffffff {
+		t.Errorf("empty slot 4 reads %#x", v)
 	}
 	exit := m.Run(context.Background())
 	if exit.Reason != ExitDebug || exit.Code != 0 {
@@ -306,5 +309,32 @@ func TestVirtioStateRoundTrip(t *testing.T) {
 	}
 	if _, err := Restore(Config{}, st); !errors.Is(err, ErrConfig) {
 		t.Fatalf("restore without the disk: %v, want ErrConfig", err)
+	}
+}
+
+// TestPVPanic: a write of PANICKED to the pvpanic register, as Linux's
+// pvpanic-pci driver does from its panic notifier, ends the machine with
+// ExitPanic even though the guest goes on (to reset, with panic=-1).
+func TestPVPanic(t *testing.T) {
+	elf := guestELF(t)
+	m, err := New(Config{Kernel: elf, Cmdline: "spin", MemSize: 64 << 20, CPUs: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	bar := m.pvpanic.PCI().BAR(0)
+	p := []byte{0}
+	m.MMIORead(bar, p)
+	if p[0] != 3 {
+		t.Fatalf("pvpanic at %#x reads %#x, want the supported events 3", bar, p[0])
+	}
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		m.MMIOWrite(bar, []byte{1})
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if exit := m.Run(ctx); exit.Reason != ExitPanic {
+		t.Fatalf("exit %+v, want panic", exit)
 	}
 }

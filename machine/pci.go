@@ -6,6 +6,7 @@ import (
 	"sync"
 
 	"collective/devices/pci"
+	"collective/devices/pvpanic"
 	"collective/devices/virtio"
 	"collective/devices/virtioblk"
 	"collective/kvm"
@@ -155,4 +156,21 @@ func (m *Machine) quiesceVirtio(stop bool) {
 			}
 		}
 	}
+}
+
+// addPVPanic attaches the pvpanic device: a guest kernel that panics
+// reports it there (Linux's pvpanic-pci driver) before it resets, and the
+// machine stops with ExitPanic.
+func (m *Machine) addPVPanic() error {
+	d, err := pvpanic.New(func(ev uint8) {
+		if ev&pvpanic.Panicked != 0 {
+			m.finish(Exit{Reason: ExitPanic})
+		}
+	})
+	if err != nil {
+		return err
+	}
+	m.pvpanic = d
+	_, err = m.pci.Add(d.PCI())
+	return err
 }

@@ -8,6 +8,8 @@ import (
 
 	"collective/devices/debugexit"
 	"collective/devices/i8042"
+	"collective/devices/pci"
+	"collective/devices/pvpanic"
 	"collective/devices/rtc"
 	"collective/devices/serial"
 	"collective/devices/virtio"
@@ -21,7 +23,7 @@ import (
 // naming both versions. Bump the minor version for an added optional field
 // (older states decode with it zero), the major one for any change an
 // older binary would misread.
-const StateVersion = "1.0.0"
+const StateVersion = "1.1.0"
 
 // MaxVCPUStates bounds the number of vCPU states a MachineState may hold.
 const MaxVCPUStates = 256
@@ -57,6 +59,11 @@ type MachineState struct {
 	// The restoring machine must be built with the same devices (the same
 	// --disk arguments); their backends are reopened, not saved.
 	Virtio []VirtioState `json:",omitempty"`
+
+	// PVPanic is the pvpanic device and its PCI function (since 1.1.0;
+	// absent in older states, which restore with the device as reset).
+	PVPanic    *pvpanic.State   `json:",omitempty"`
+	PVPanicPCI *pci.ConfigState `json:",omitempty"`
 }
 
 // VirtioState is the state of one virtio-pci device.
@@ -100,6 +107,10 @@ func (m *Machine) SaveState() (*MachineState, error) {
 			vs.Block = &bs
 		}
 		st.Virtio = append(st.Virtio, vs)
+	}
+	if m.pvpanic != nil {
+		ps, cs := m.pvpanic.Save(), m.pvpanic.PCI().Save()
+		st.PVPanic, st.PVPanicPCI = &ps, &cs
 	}
 	return st, nil
 }
@@ -190,6 +201,14 @@ func (m *Machine) restore(st *MachineState) error {
 			}
 		}
 		if err := d.transport.Restore(vs.Transport); err != nil {
+			return err
+		}
+	}
+	if st.PVPanic != nil && st.PVPanicPCI != nil && m.pvpanic != nil {
+		if err := m.pvpanic.Restore(*st.PVPanic); err != nil {
+			return err
+		}
+		if err := m.pvpanic.PCI().Restore(*st.PVPanicPCI); err != nil {
 			return err
 		}
 	}

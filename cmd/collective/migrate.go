@@ -251,12 +251,5 @@ func runIncoming(addr string, pre machine.Config, console io.Writer, input bool,
 		defer restore()
 	}
 	exit := <-tgt.exit
-	switch exit.Reason {
-	case machine.ExitDebug:
-		return exit.Code
-	case machine.ExitError:
-		fmt.Fprintf(os.Stderr, "collective run: %v\n", exit.Err)
-		return 1
-	}
-	return 0
+	return exitStatus("collective run", exit)
 }

@@ -128,14 +128,7 @@ func runCmd(args []string) int {
 		fmt.Fprintln(os.Stderr, "collective run: the machine migrated away and runs on its target")
 		return 0
 	}
-	switch exit.Reason {
-	case machine.ExitDebug:
-		return exit.Code
-	case machine.ExitError:
-		fmt.Fprintf(os.Stderr, "collective run: %v\n", exit.Err)
-		return 1
-	}
-	return 0
+	return exitStatus("collective run", exit)
 }
 
 // attachInput feeds stdin to the serial port: in raw mode with an escape
@@ -214,3 +207,20 @@ type stringList []string
 
 func (l *stringList) String() string     { return strings.Join(*l, " ") }
 func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }
+
+// exitStatus maps how a machine stopped to the command's exit status: the
+// guest's debug-exit code, 1 when the VMM failed or the guest kernel
+// panicked (with a line on stderr), 0 for poweroff, reset or a stop.
+func exitStatus(cmd string, exit machine.Exit) int {
+	switch exit.Reason {
+	case machine.ExitDebug:
+		return exit.Code
+	case machine.ExitError:
+		fmt.Fprintf(os.Stderr, "%s: %v\n", cmd, exit.Err)
+		return 1
+	case machine.ExitPanic:
+		fmt.Fprintf(os.Stderr, "%s: the guest kernel panicked\n", cmd)
+		return 1
+	}
+	return 0
+}

@@ -175,12 +175,5 @@ func restoreCmd(args []string) int {
 	fmt.Fprintf(os.Stderr, "collective restore: %d snapshot(s), %v; ready to run %.3f ms after process start\n",
 		len(chain), stats, float64(time.Since(processStart).Microseconds())/1000)
 	exit := m.Run(ctx)
-	switch exit.Reason {
-	case machine.ExitDebug:
-		return exit.Code
-	case machine.ExitError:
-		fmt.Fprintf(os.Stderr, "collective restore: %v\n", exit.Err)
-		return 1
-	}
-	return 0
+	return exitStatus("collective restore", exit)
 }
