@@ -18,6 +18,11 @@
 // panics.
 package devices
 
+import (
+	"log/slog"
+	"time"
+)
+
 // Device is a window of registers on the port-I/O or MMIO bus.
 //
 // Off is the offset of the access from the base the device was inserted at;
@@ -42,3 +47,37 @@ type IRQFunc func(high bool)
 
 // SetLevel implements IRQLine.SetLevel.
 func (f IRQFunc) SetLevel(high bool) { f(high) }
+
+// WarnInterval is the least time between two log lines a Warner lets
+// through: the guest can trigger warnings as often as it likes.
+const WarnInterval = 10 * time.Second
+
+// Warner logs guest-triggered warnings at most once per WarnInterval,
+// counting the ones it suppresses. The zero value logs to slog.Default.
+// A Warner is not safe for concurrent use: guard it with the device's lock.
+type Warner struct {
+	Log        *slog.Logger // where warnings go; nil means slog.Default()
+	next       time.Time
+	suppressed int
+}
+
+// Warn logs msg with args unless a warning was logged less than
+// WarnInterval ago; the next line that gets through carries the count of
+// those suppressed meanwhile.
+func (w *Warner) Warn(msg string, args ...any) {
+	now := time.Now()
+	if now.Before(w.next) {
+		w.suppressed++
+		return
+	}
+	if w.suppressed > 0 {
+		args = append(args, "suppressed", w.suppressed)
+	}
+	w.suppressed = 0
+	w.next = now.Add(WarnInterval)
+	log := w.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	log.Warn(msg, args...)
+}

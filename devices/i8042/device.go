@@ -3,7 +3,6 @@ package i8042
 import (
 	"log/slog"
 	"sync"
-	"time"
 
 	"collective/devices"
 )
@@ -76,7 +75,6 @@ const (
 	selfTestOK    = 0x55
 	noPassword    = 0xf1
 	resendNoDev   = 0xfe
-	warnInterval  = 10 * time.Second
 	inputPortIdle = 0x80 // keyboard not inhibited
 )
 
@@ -101,7 +99,7 @@ type I8042 struct {
 	outLen   int                // +checklocks:mu
 	kbdLevel bool               // +checklocks:mu
 	auxLevel bool               // +checklocks:mu
-	warn     warner             // +checklocks:mu
+	warn     devices.Warner     // +checklocks:mu
 }
 
 // New returns a controller in the state a PC's firmware leaves it, driving
@@ -116,7 +114,7 @@ func New(kbd, aux devices.IRQLine, reset func()) *I8042 {
 		cb:      resetCommandByte,
 		outPort: resetOutputPort,
 	}
-	c.warn.log = slog.Default().With("device", "i8042")
+	c.warn.Log = slog.Default().With("device", "i8042")
 	return c
 }
 
@@ -124,7 +122,7 @@ func New(kbd, aux devices.IRQLine, reset func()) *I8042 {
 func (c *I8042) SetLogger(l *slog.Logger) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.warn.log = l
+	c.warn.Log = l
 }
 
 // Read implements devices.Device.Read: offset 0 is the data port (0x60),
@@ -274,7 +272,7 @@ func (c *I8042) command(cmd uint8) bool {
 	case cmd >= cmdPulse:
 		return cmd&outReset == 0
 	default:
-		c.warn.warn("unsupported controller command", "command", cmd)
+		c.warn.Warn("unsupported controller command", "command", cmd)
 	}
 	return false
 }
@@ -311,7 +309,7 @@ func (c *I8042) data(v uint8) bool {
 // +checklocks:c.mu
 func (c *I8042) push(b uint8, aux bool) {
 	if c.outLen == QueueSize {
-		c.warn.warn("output buffer full; byte dropped", "byte", b)
+		c.warn.Warn("output buffer full; byte dropped", "byte", b)
 		return
 	}
 	c.out[(c.outHead+c.outLen)%QueueSize] = OutByte{b, aux}
@@ -403,26 +401,4 @@ func (c *I8042) Restore(st State) error {
 	c.outLen = copy(c.out[:], st.Out)
 	c.update(false)
 	return nil
-}
-
-// warner logs a warning at most once per warnInterval, counting the ones it
-// suppresses.
-type warner struct {
-	log        *slog.Logger
-	next       time.Time
-	suppressed int
-}
-
-func (w *warner) warn(msg string, args ...any) {
-	now := time.Now()
-	if now.Before(w.next) {
-		w.suppressed++
-		return
-	}
-	if w.suppressed > 0 {
-		args = append(args, "suppressed", w.suppressed)
-	}
-	w.suppressed = 0
-	w.next = now.Add(warnInterval)
-	w.log.Warn(msg, args...)
 }

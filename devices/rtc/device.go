@@ -4,6 +4,8 @@ import (
 	"log/slog"
 	"sync"
 	"time"
+
+	"collective/devices"
 )
 
 // Register indexes (datasheet Figure 3, plus the PC's century byte).
@@ -34,8 +36,6 @@ const (
 
 	// uipWindow is how long before each update UIP reads 1.
 	uipWindow = 244 * time.Microsecond
-	// warnInterval is the minimum time between two guest-triggered warnings.
-	warnInterval = 10 * time.Second
 )
 
 // Reset values of registers A (32.768 kHz time base, 1024 Hz rate) and B
@@ -60,11 +60,11 @@ type RTC struct {
 	now func() time.Time // immutable
 
 	mu        sync.Mutex
-	index     uint8      // +checklocks:mu
-	nmiMasked bool       // +checklocks:mu
-	cmos      [128]uint8 // +checklocks:mu
-	offset    int64      // +checklocks:mu (guest clock - host clock, seconds)
-	warn      warner     // +checklocks:mu
+	index     uint8          // +checklocks:mu
+	nmiMasked bool           // +checklocks:mu
+	cmos      [128]uint8     // +checklocks:mu
+	offset    int64          // +checklocks:mu (guest clock - host clock, seconds)
+	warn      devices.Warner // +checklocks:mu
 }
 
 // New returns an RTC in its reset state that reads the host clock through
@@ -77,7 +77,7 @@ func New(now func() time.Time) *RTC {
 	r := &RTC{now: now}
 	r.cmos[regA] = resetA
 	r.cmos[regB] = resetB
-	r.warn.log = slog.Default().With("device", "rtc")
+	r.warn.Log = slog.Default().With("device", "rtc")
 	return r
 }
 
@@ -85,7 +85,7 @@ func New(now func() time.Time) *RTC {
 func (r *RTC) SetLogger(l *slog.Logger) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.warn.log = l
+	r.warn.Log = l
 }
 
 // Read implements devices.Device.Read. Offset 0 (index port) reads 0xff;
@@ -98,7 +98,7 @@ func (r *RTC) Read(off uint64, p []byte) {
 			p[i] = 0xff
 		}
 		if len(p) != 1 || off >= Size {
-			r.warn.warn("bad read access", "offset", off, "size", len(p))
+			r.warn.Warn("bad read access", "offset", off, "size", len(p))
 		}
 		return
 	}
@@ -111,7 +111,7 @@ func (r *RTC) Write(off uint64, p []byte) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if len(p) != 1 || off >= Size {
-		r.warn.warn("bad write access", "offset", off, "size", len(p))
+		r.warn.Warn("bad write access", "offset", off, "size", len(p))
 		return
 	}
 	if off == 0 {
@@ -295,26 +295,4 @@ func (r *RTC) Restore(st State) error {
 	defer r.mu.Unlock()
 	r.index, r.nmiMasked, r.cmos, r.offset = st.Index, st.NMIMasked, st.CMOS, st.OffsetSeconds
 	return nil
-}
-
-// warner logs a warning at most once per warnInterval, counting the ones it
-// suppresses.
-type warner struct {
-	log        *slog.Logger
-	next       time.Time
-	suppressed int
-}
-
-func (w *warner) warn(msg string, args ...any) {
-	now := time.Now()
-	if now.Before(w.next) {
-		w.suppressed++
-		return
-	}
-	if w.suppressed > 0 {
-		args = append(args, "suppressed", w.suppressed)
-	}
-	w.suppressed = 0
-	w.next = now.Add(warnInterval)
-	w.log.Warn(msg, args...)
 }

@@ -6,7 +6,6 @@ import (
 	"io"
 	"log/slog"
 	"sync"
-	"time"
 
 	"collective/devices"
 )
@@ -82,9 +81,6 @@ const (
 	resetDivisor = 12
 )
 
-// warnInterval is the minimum time between two guest-triggered warnings.
-const warnInterval = 10 * time.Second
-
 // Serial is a 16550A UART. Create it with New.
 type Serial struct {
 	out   io.Writer       // immutable
@@ -109,8 +105,8 @@ type Serial struct {
 	rxHead      int            // +checklocks:mu
 	rxLen       int            // +checklocks:mu
 	irqLevel    bool           // +checklocks:mu (last level given to irq)
-	warn        warner         // +checklocks:mu
-	outErr      warner         // +checklocks:txMu
+	warn        devices.Warner // +checklocks:mu
+	outErr      devices.Warner // +checklocks:txMu
 }
 
 // New returns a UART in its reset state that writes transmitted bytes to out
@@ -127,8 +123,8 @@ func New(out io.Writer, irq devices.IRQLine) *Serial {
 		ready: make(chan struct{}, 1),
 		dll:   resetDivisor,
 	}
-	s.warn.log = log
-	s.outErr.log = log
+	s.warn.Log = log
+	s.outErr.Log = log
 	return s
 }
 
@@ -138,8 +134,8 @@ func (s *Serial) SetLogger(l *slog.Logger) {
 	defer s.txMu.Unlock()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.warn.log = l
-	s.outErr.log = l
+	s.warn.Log = l
+	s.outErr.Log = l
 }
 
 // Read implements devices.Device.Read. Accesses that are not one byte wide
@@ -150,7 +146,7 @@ func (s *Serial) Read(off uint64, p []byte) {
 			p[i] = 0xff
 		}
 		s.mu.Lock()
-		s.warn.warn("bad read access", "offset", off, "size", len(p))
+		s.warn.Warn("bad read access", "offset", off, "size", len(p))
 		s.mu.Unlock()
 		return
 	}
@@ -165,7 +161,7 @@ func (s *Serial) Read(off uint64, p []byte) {
 func (s *Serial) Write(off uint64, p []byte) {
 	if len(p) != 1 || off >= Size {
 		s.mu.Lock()
-		s.warn.warn("bad write access", "offset", off, "size", len(p))
+		s.warn.Warn("bad write access", "offset", off, "size", len(p))
 		s.mu.Unlock()
 		return
 	}
@@ -324,7 +320,7 @@ func (s *Serial) writeData(b uint8) {
 	s.update()
 	s.mu.Unlock()
 	if err != nil {
-		s.outErr.warn("host output failed; byte dropped", "err", err)
+		s.outErr.Warn("host output failed; byte dropped", "err", err)
 	}
 }
 
@@ -585,26 +581,4 @@ func (s *Serial) Restore(st State) error {
 	s.update()
 	s.notify()
 	return nil
-}
-
-// warner logs a warning at most once per warnInterval, counting the ones it
-// suppresses. The zero value with log set is ready to use.
-type warner struct {
-	log        *slog.Logger
-	next       time.Time
-	suppressed int
-}
-
-func (w *warner) warn(msg string, args ...any) {
-	now := time.Now()
-	if now.Before(w.next) {
-		w.suppressed++
-		return
-	}
-	if w.suppressed > 0 {
-		args = append(args, "suppressed", w.suppressed)
-	}
-	w.suppressed = 0
-	w.next = now.Add(warnInterval)
-	w.log.Warn(msg, args...)
 }
