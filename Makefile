@@ -6,10 +6,11 @@ GUEST     := guest/build/guest.elf
 ARGS      ?=
 FUZZTIME  ?= 30s
 
-.PHONY: help build guest run test test-short fuzz bench vet clean deps
+.PHONY: help build guest run run-guest test test-short fuzz bench vet clean deps
 
 help:
 	@echo "make run        build and boot the default appliance on the serial console (ARGS='...' adds flags)"
+	@echo "make run-guest  boot the workload guest (guest/) instead"
 	@echo "make test       run the whole test suite (what CI runs)"
 	@echo "make fuzz       run every fuzz target for FUZZTIME each (default $(FUZZTIME))"
 	@echo "make bench      benchmarks against QEMU, printed as tables"
@@ -33,9 +34,15 @@ deps:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 
-# run boots the default appliance. For now that is the workload guest
-# saying hello; the real-Linux appliance replaces it (issue 3).
-run: build
+# run boots the default appliance (Debian's kernel, our initramfs) with
+# the serial console on this terminal: directly where KVM boots stock
+# kernels, in the nested test host where it is kvm-pvm (scripts/run.sh).
+# ARGS='--cpus 2 --disk d.img' adds flags for collective run in both paths.
+run: $(BIN)
+	@BIN=$(BIN) ARGS="$(ARGS)" scripts/run.sh
+
+# run-guest boots the workload guest, which says hello and exits 0.
+run-guest: build
 	$(BIN) run --kernel $(GUEST) --append "$(or $(APPEND),hello)" --mem 128M $(ARGS)
 
 test: deps build

@@ -32,6 +32,9 @@ var ApplianceModules = []string{
 	// dependencies; it asks the crypto API for crc32c at mount time, a
 	// request that needs modprobe, so crc32c_generic is loaded up front.
 	"crc16", "mbcache", "jbd2", "crc32c_generic", "ext4",
+	// pvpanic-pci (QEMU's 1b36:0011): a guest kernel panic is reported
+	// to the VMM, which exits with status 1 instead of seeing a reset.
+	"pvpanic", "pvpanic_pci",
 }
 
 // modName turns a module file name or a module name into the canonical

@@ -25,6 +25,8 @@ kernel/fs/mbcache.ko:
 kernel/fs/jbd2/jbd2.ko:
 kernel/crypto/crc32c_generic.ko:
 kernel/fs/ext4/ext4.ko: kernel/fs/jbd2/jbd2.ko kernel/fs/mbcache.ko kernel/lib/crc16.ko
+kernel/drivers/misc/pvpanic/pvpanic-pci.ko: kernel/drivers/misc/pvpanic/pvpanic.ko
+kernel/drivers/misc/pvpanic/pvpanic.ko:
 kernel/sound/unrelated.ko: kernel/sound/unrelated-core.ko.xz
 kernel/sound/unrelated-core.ko.xz:
 `
@@ -83,6 +85,8 @@ func TestModuleOrder(t *testing.T) {
 			"kernel/fs/jbd2/jbd2.ko",
 			"kernel/crypto/crc32c_generic.ko",
 			"kernel/fs/ext4/ext4.ko",
+			"kernel/drivers/misc/pvpanic/pvpanic.ko",
+			"kernel/drivers/misc/pvpanic/pvpanic-pci.ko",
 		}
 		if diff := cmp.Diff(want, order); diff != "" {
 			t.Errorf("order (-want +got):\n%s", diff)

@@ -194,13 +194,17 @@ func addQEMU(ctx context.Context, a *archive, qemu string) error {
 			return err
 		}
 	}
-	for _, f := range qemuFirmware {
-		src := filepath.Join("/usr/share/qemu", f)
-		if _, err := os.Stat(src); err != nil {
-			continue // not every QEMU build ships every file
-		}
-		if err := a.copy(path.Join("usr/share/qemu", f), src); err != nil {
-			return err
+	// Debian's QEMU looks in its firmware path: /usr/share/qemu, then
+	// /usr/share/seabios (package seabios: bios-256k.bin for -M pc).
+	for _, dir := range []string{"usr/share/qemu", "usr/share/seabios"} {
+		for _, f := range qemuFirmware {
+			src := filepath.Join("/", dir, f)
+			if _, err := os.Stat(src); err != nil {
+				continue // not every QEMU build ships every file
+			}
+			if err := a.copy(path.Join(dir, f), src); err != nil {
+				return err
+			}
 		}
 	}
 	return nil

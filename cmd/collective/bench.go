@@ -46,6 +46,14 @@ func peers(self string) []peer {
 }
 
 func benchCmd(args []string) int {
+	// Linux in the nested test host (bench_linux.go): its own flags, no
+	// workload guest.
+	if len(args) > 0 && args[0] == "linux" {
+		return benchLinux(args[1:])
+	}
+	if len(args) > 0 && args[0] == "linux-drive" {
+		return benchLinuxDrive(args[1:])
+	}
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	guest := fs.String("guest", "guest/build/guest.elf", "workload guest ELF")
 	runs := fs.Int("runs", 10, "runs per peer (the median is reported)")
