@@ -60,7 +60,7 @@ func benchCmd(args []string) int {
 	exits := fs.Int("exits", 200000, "exits per run for the exit benchmark")
 	skipPC := fs.Bool("skip-pc", false, "skip QEMU -M pc (its firmware is slow under kvm-pvm)")
 	fs.Usage = func() {
-		fmt.Fprintf(os.Stderr, "usage: collective bench [flags] boot|exits|memory|all\n")
+		fmt.Fprintf(os.Stderr, "usage: collective bench [flags] boot|exits|memory|snapshot|blk|migrate|all\n       collective bench linux [flags]   (Linux boot in the nested host, ours vs QEMU)\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {

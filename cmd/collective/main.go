@@ -4,6 +4,7 @@
 //
 //	collective run --kernel FILE [--initrd FILE] [--append CMDLINE] [--mem 512M] [--cpus N] [--serial stdio|file:PATH|none]
 //	collective bench boot|exits|memory ...
+//	collective nested [--share DIR] [--appliance] [--] [CMD...]
 //
 // The exit status of run is the guest's debug-exit code (port 0xf4), 0 when
 // the guest powers off or resets, 1 when the VMM fails, 2 for bad flags or
@@ -20,6 +21,7 @@ const usage = `collective: run virtual appliances on KVM
 Commands:
   run      boot a kernel with its serial console (collective run -h)
   bench    benchmarks against QEMU (collective bench -h)
+  nested   run a command in the nested test host, a Linux with /dev/kvm under QEMU TCG (collective nested -h)
   ctl      control a running machine through its API (collective ctl -h)
   restore  resume a machine from a snapshot (collective restore -h)
   migrate  live-migrate a running machine to collective run --incoming (collective migrate -h)
@@ -38,6 +40,8 @@ func main() {
 		code = runCmd(os.Args[2:])
 	case "bench":
 		code = benchCmd(os.Args[2:])
+	case "nested":
+		code = nestedCmd(os.Args[2:])
 	case "ctl":
 		code = ctlCmd(os.Args[2:])
 	case "restore":
