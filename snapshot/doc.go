@@ -4,10 +4,11 @@
 //
 // # File format (version FormatVersion, independent of the product)
 //
-// All integers are little-endian. A file is four sections; the header
-// gives the others' offsets and lengths, and every section is checksummed
-// (CRC-32C) and the checksums are verified before a byte of the section is
-// decoded.
+// All integers are little-endian. A file is a header and the sections it
+// locates: memory data, index, the disk sections (since 1.1.0) and the
+// state, written in that order (the state last, since it names the disk
+// tables); every section is checksummed and the checksums are verified
+// before a byte of the section is decoded.
 //
 //	offset 0: header, 128 bytes
 //	  0  [8]u8  magic "CLVSNAP\n"
@@ -22,7 +23,8 @@
 //	  80 [32]u8 parent ID (incremental; zero for a full snapshot)
 //	  112 u32   state CRC, u32 index CRC, u32 reserved (0)
 //	  124 u32   header CRC (of bytes 0-123)
-//	state: JSON of {Machine: machine.MachineState, Regions, Parent hint, Created}
+//	state: JSON of {Machine: machine.MachineState, Regions, Parent hint, Created,
+//	       Disks: [DiskRecord]} (CRC-32C in the header)
 //	data:  chunk payloads (compressed), or the raw memory image (flag bit 0)
 //	index: one entry per chunk of 64 pages (256 KiB of guest-physical space)
 //	       that holds any recorded page (a raw image: every chunk, so that
@@ -48,6 +50,50 @@
 // The raw image (flag bit 0, full snapshots only) places guest RAM regions
 // back to back, page aligned, zero pages left as holes: a restore maps it
 // privately over guest RAM and reads nothing before the guest runs.
+//
+// # Disks (format 1.1.0)
+//
+// A machine's disks are captured with its memory. Every disk backend is
+// wrapped in a virtioblk.Tracker, which marks each 64 KiB block after a
+// write, discard or write-zeroes completes, in two bitmaps: dirty (since
+// the last snapshot) and written (since the disk was opened). Take runs
+// with the machine paused and its virtio devices quiesced (no request in
+// flight), flushes every backend (Sync), and stores per disk:
+//
+//   - a full snapshot: every block that differs from the disk's origin.
+//     For a copy-on-write overlay the origin is its base, named by SHA-256
+//     (DiskRecord.Base): the blocks written since open plus every block the
+//     overlay holds, so the file plus the base is the whole disk. For a raw
+//     disk the origin is the file as the machine opened it: the blocks
+//     written since open (flag bit 0 in their entries) and Origin, a
+//     SHA-256 over (block number, block hash) of every other block (read
+//     once per process, then cached: unwritten blocks never change);
+//   - an incremental snapshot: the blocks marked dirty since its parent.
+//
+// Each disk's DiskRecord (name, kind, size, block size, Base or Origin)
+// names its block table by offset, length and SHA-256, so the snapshot's
+// ID commits to every block. The table holds one 48-byte entry per stored
+// block, in ascending order:
+//
+//	0  u64 block number   8 u64 payload offset in the file
+//	16 u32 payload length 20 u8 encoding (0 plain, 1 lz4 block, 2 zeros: no payload)
+//	21 u8 flags (bit 0: written since the origin)  22 u16 0
+//	24 u32 payload CRC-32C  28 u32 0  32 [16]u8 SHA-256/128 of the block's content
+//
+// Restore builds the machine bare, fills memory, then checks each disk it
+// was given against the chain before writing anything: the same device
+// name, size and kind; for an overlay the same base hash, and no block
+// held by the overlay that the chain does not overwrite (give a new
+// overlay path: it is created over the base); for a raw disk the Origin
+// digest over the blocks the full snapshot did not flag (a fresh copy of
+// the disk the machine started with matches; any other disk is refused,
+// ErrDisk). Then every stored block of the chain is read and checked
+// (CRC, decoding, content hash); only then are the last versions of the
+// blocks written back through the tracker (so a later full snapshot of the
+// restored machine carries them), the disks synced, and the devices'
+// state restored. Merge keeps each block's last version, flags OR-ed.
+// A 1.0.0 file holds no disk contents: restoring one onto a machine with
+// disks is refused.
 //
 // # Versions
 //

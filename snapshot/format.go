@@ -19,10 +19,10 @@ import (
 )
 
 // FormatVersion is the version of the file format this package writes.
-const FormatVersion = "1.0.0"
+const FormatVersion = "1.1.0"
 
 const (
-	formatMajor, formatMinor, formatPatch = 1, 0, 0
+	formatMajor, formatMinor, formatPatch = 1, 1, 0
 
 	magic      = "CLVSNAP\n"
 	headerSize = 128
@@ -203,6 +203,8 @@ type fileState struct {
 	Parent string `json:",omitempty"`
 	// Created is when the snapshot was taken.
 	Created time.Time
+	// Disks are the captured disks (since format 1.1.0), in --disk order.
+	Disks []DiskRecord `json:",omitempty"`
 }
 
 // chunk is one parsed index entry.
@@ -292,6 +294,7 @@ type Snapshot struct {
 	chunks []chunk
 	pages  int // stored pages
 	zeros  int // pages recorded as zero
+	disks  []*diskSection
 }
 
 // Pages returns the number of pages whose contents the file stores.
@@ -390,6 +393,9 @@ func Decode(r io.ReaderAt, size int64) (*Snapshot, error) {
 		}
 	}
 	if err := s.parseIndex(ib); err != nil {
+		return nil, err
+	}
+	if err := s.parseDisks(fs.Disks); err != nil {
 		return nil, err
 	}
 	return s, nil

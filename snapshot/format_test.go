@@ -243,7 +243,7 @@ func TestVersionRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	good, _ := os.ReadFile(p)
-	for _, v := range [][3]uint16{{2, 0, 0}, {1, 1, 0}, {0, 9, 0}} {
+	for _, v := range [][3]uint16{{2, 0, 0}, {1, 2, 0}, {0, 9, 0}} {
 		bad := bytes.Clone(good)
 		binary.LittleEndian.PutUint16(bad[8:], v[0])
 		binary.LittleEndian.PutUint16(bad[10:], v[1])
@@ -258,7 +258,7 @@ func TestVersionRefused(t *testing.T) {
 	binary.LittleEndian.PutUint16(ok[12:], 9)
 	binary.LittleEndian.PutUint32(ok[124:], crc(ok[:124]))
 	if _, err := Decode(bytes.NewReader(ok), int64(len(ok))); err != nil {
-		t.Errorf("patch version 1.0.9: %v", err)
+		t.Errorf("patch version 1.1.9: %v", err)
 	}
 }
 

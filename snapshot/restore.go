@@ -126,7 +126,7 @@ func CheckChain(chain []*Snapshot) error {
 			return fmt.Errorf("snapshot: %s and its parent %s describe different machines: %w", name(c), name(p), ErrParent)
 		}
 	}
-	return nil
+	return checkChainDisks(chain)
 }
 
 func name(s *Snapshot) string {
@@ -353,7 +353,19 @@ func Restore(chain []*Snapshot, cfg machine.Config, opts RestoreOptions) (*machi
 			return nil, nil, err
 		}
 	}
-	m, err := machine.Restore(cfg, last.State)
+	// The machine is built bare; memory and disks are filled before the
+	// devices' state is restored, because restoring an active virtio
+	// device starts it on the rings in guest memory.
+	st := last.State
+	if err := st.Validate(); err != nil {
+		return nil, nil, err
+	}
+	if (cfg.MemSize != 0 && cfg.MemSize != st.MemSize) || (cfg.CPUs != 0 && cfg.CPUs != st.CPUs) {
+		return nil, nil, fmt.Errorf("snapshot: %s holds a machine of %d bytes and %d vCPUs, not %d and %d: %w",
+			name(last), st.MemSize, st.CPUs, cfg.MemSize, cfg.CPUs, machine.ErrConfig)
+	}
+	cfg.MemSize, cfg.CPUs = st.MemSize, st.CPUs
+	m, err := machine.NewBare(cfg)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -375,6 +387,18 @@ func Restore(chain []*Snapshot, cfg machine.Config, opts RestoreOptions) (*machi
 			m.Close()
 			return nil, nil, err
 		}
+	}
+	// The disks: identities checked and every block verified before any
+	// is written back; a mismatch leaves no machine.
+	nb, err := restoreDisks(chain, m.Disks())
+	stats.DiskBlocks = nb
+	if err != nil {
+		m.Close()
+		return nil, nil, err
+	}
+	if err := m.RestoreState(st); err != nil {
+		m.Close()
+		return nil, nil, err
 	}
 	stats.Duration = time.Since(start)
 	return m, stats, nil
@@ -408,7 +432,10 @@ func Merge(out string, chain []*Snapshot, raw bool, progress Progress) (*Stats, 
 	if err != nil {
 		return nil, err
 	}
-	return writeFile(out, writeSpec{mem: mem, state: last.State, raw: raw, progress: progress})
+	if err := checkChainDisks(chain); err != nil {
+		return nil, err
+	}
+	return writeFile(out, writeSpec{mem: mem, state: last.State, raw: raw, progress: progress, disks: mergeDisks(chain)})
 }
 
 // ImageOf returns the guest memory a chain describes, in host memory.

@@ -29,6 +29,36 @@ type Session struct {
 	pending [][]uint64 // dirty pages taken by a failed incremental
 }
 
+// takeDiskDirty takes every disk's dirty-block bitmap.
+func takeDiskDirty(disks []machine.Disk) [][]uint64 {
+	out := make([][]uint64, len(disks))
+	for i, d := range disks {
+		if d.Tracker != nil {
+			out[i] = d.Tracker.TakeDirty()
+		}
+	}
+	return out
+}
+
+// giveBackDisks returns dirty blocks taken by a failed snapshot.
+func giveBackDisks(disks []machine.Disk, bm [][]uint64) {
+	for i, d := range disks {
+		if d.Tracker != nil && i < len(bm) {
+			d.Tracker.GiveBack(bm[i])
+		}
+	}
+}
+
+// syncDisks flushes every disk backend.
+func syncDisks(disks []machine.Disk) error {
+	for _, d := range disks {
+		if err := d.Block.Backend().Sync(); err != nil {
+			return fmt.Errorf("snapshot: flushing disk %s: %w", d.Name, err)
+		}
+	}
+	return nil
+}
+
 type lastSnap struct {
 	id   ID
 	path string
@@ -65,6 +95,7 @@ func (ss *Session) resetTracking() error {
 	}
 	_, err := ss.takeDirty()
 	ss.pending = nil
+	takeDiskDirty(ss.m.Disks())
 	return err
 }
 
@@ -122,6 +153,12 @@ func (ss *Session) Take(path string, opts TakeOptions) (*Stats, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The machine is paused and its virtio devices quiesced: no disk
+	// request is in flight, so the disks hold still with the memory.
+	disks := ss.m.Disks()
+	if err := syncDisks(disks); err != nil {
+		return nil, err
+	}
 	spec := writeSpec{mem: ss.m.Memory(), state: st, raw: opts.Raw, progress: opts.Progress}
 	if opts.Incremental {
 		// Logs are taken before memory is read: a write after this point
@@ -130,10 +167,17 @@ func (ss *Session) Take(path string, opts TakeOptions) (*Stats, error) {
 		if err != nil {
 			return nil, err
 		}
+		diskDirty := takeDiskDirty(disks)
+		if spec.disks, err = liveDisks(disks, diskDirty, false); err != nil {
+			giveBackDisks(disks, diskDirty)
+			ss.pending = dirty
+			return nil, err
+		}
 		spec.dirty, spec.parent, spec.parentHint = dirty, ss.last.id, parentHint(path, ss.last.path)
 		stats, err := writeFile(path, spec)
 		if err != nil {
 			ss.pending = dirty // resent in the next incremental
+			giveBackDisks(disks, diskDirty)
 			return nil, err
 		}
 		ss.pending = nil
@@ -141,6 +185,10 @@ func (ss *Session) Take(path string, opts TakeOptions) (*Stats, error) {
 		return stats, nil
 	}
 	if err := ss.resetTracking(); err != nil {
+		return nil, err
+	}
+	if spec.disks, err = liveDisks(disks, nil, true); err != nil {
+		ss.last = nil
 		return nil, err
 	}
 	stats, err := writeFile(path, spec)

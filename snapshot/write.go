@@ -35,11 +35,19 @@ type Stats struct {
 	Duration time.Duration
 	// ID is the snapshot's ID (write).
 	ID ID
+	// DiskBlocks is the number of disk blocks stored (write) or written
+	// back (restore); DiskBytes their payload bytes in the file.
+	DiskBlocks int
+	DiskBytes  int64
 }
 
 func (s *Stats) String() string {
-	return fmt.Sprintf("%d pages (%.1f MiB) in %.1f MiB, %d zero pages recorded, %v",
-		s.Pages, float64(s.Pages)*pageSize/(1<<20), float64(s.Bytes)/(1<<20), s.ZeroPages, s.Duration.Round(time.Microsecond))
+	disk := ""
+	if s.DiskBlocks > 0 {
+		disk = fmt.Sprintf(", %d disk blocks", s.DiskBlocks)
+	}
+	return fmt.Sprintf("%d pages (%.1f MiB) in %.1f MiB, %d zero pages recorded%s, %v",
+		s.Pages, float64(s.Pages)*pageSize/(1<<20), float64(s.Bytes)/(1<<20), s.ZeroPages, disk, s.Duration.Round(time.Microsecond))
 }
 
 // Progress receives how much of an operation is done, in bytes of guest
@@ -55,6 +63,7 @@ type writeSpec struct {
 	parentHint string
 	raw        bool
 	progress   Progress
+	disks      []diskOut
 }
 
 // batchChunks is how many chunks are processed in parallel before their
@@ -128,35 +137,22 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 			os.Remove(tmp)
 		}
 	}()
-	fs := fileState{Machine: st, Regions: lay.regions, Parent: sp.parentHint, Created: time.Now().UTC()}
-	sb, err := json.Marshal(&fs)
-	if err != nil {
-		return nil, fmt.Errorf("snapshot: encoding the state: %w", err)
-	}
-	if len(sb) > MaxStateSize {
-		return nil, fmt.Errorf("snapshot: state of %d bytes exceeds the limit of %d", len(sb), MaxStateSize)
-	}
 	h := header{major: formatMajor, minor: formatMinor, patch: formatPatch, kind: KindFull,
-		memSize: st.MemSize, parent: sp.parent, stateOff: headerSize, stateLen: uint64(len(sb)), stateCRC: crc(sb)}
+		memSize: st.MemSize, parent: sp.parent}
 	if sp.dirty != nil {
 		h.kind = KindIncremental
 	}
-	h.dataOff = h.stateOff + h.stateLen
+	// Layout: header, memory data, index, disk payloads and tables, state.
+	h.dataOff = headerSize
 	if sp.raw {
 		h.flags |= flagRawImage
-		h.dataOff = (h.dataOff + pageSize - 1) &^ (pageSize - 1)
+		h.dataOff = pageSize
 		h.dataLen = st.MemSize
-	}
-	bw := bufio.NewWriterSize(f, 1<<20)
-	bw.Write(make([]byte, headerSize)) // rewritten at the end
-	bw.Write(sb)
-	if err := bw.Flush(); err != nil {
-		return nil, fmt.Errorf("snapshot: %w", err)
 	}
 	if _, err := f.Seek(int64(h.dataOff), 0); err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
 	}
-	bw.Reset(f)
+	bw := bufio.NewWriterSize(f, 1<<20)
 
 	var index bytes.Buffer
 	stats := &Stats{MemBytes: st.MemSize}
@@ -234,6 +230,38 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 	if _, err := f.WriteAt(ib, int64(h.indexOff)); err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
 	}
+	fs := fileState{Machine: st, Regions: lay.regions, Parent: sp.parentHint, Created: time.Now().UTC()}
+	pos := h.indexOff + h.indexLen
+	if len(sp.disks) > 0 {
+		if _, err := f.Seek(int64(pos), 0); err != nil {
+			return nil, fmt.Errorf("snapshot: %w", err)
+		}
+		bw.Reset(f)
+		dw := &diskWriter{w: bw, pos: pos, buf: make([]byte, diskBlock), cmp: make([]byte, lz4.CompressBlockBound(diskBlock))}
+		for _, d := range sp.disks {
+			rec, err := dw.writeDisk(d)
+			if err != nil {
+				return nil, fmt.Errorf("snapshot: %w", err)
+			}
+			fs.Disks = append(fs.Disks, rec)
+		}
+		if err := bw.Flush(); err != nil {
+			return nil, fmt.Errorf("snapshot: %w", err)
+		}
+		pos = dw.pos
+		stats.DiskBlocks, stats.DiskBytes = dw.n, dw.b
+	}
+	sb, err := json.Marshal(&fs)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot: encoding the state: %w", err)
+	}
+	if len(sb) > MaxStateSize {
+		return nil, fmt.Errorf("snapshot: state of %d bytes exceeds the limit of %d", len(sb), MaxStateSize)
+	}
+	h.stateOff, h.stateLen, h.stateCRC = pos, uint64(len(sb)), crc(sb)
+	if _, err := f.WriteAt(sb, int64(h.stateOff)); err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
 	if _, err := f.WriteAt(h.marshal(), 0); err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
 	}
@@ -244,7 +272,7 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 		return nil, fmt.Errorf("snapshot: %w", err)
 	}
 	ok = true
-	stats.Bytes = int64(h.indexOff + h.indexLen)
+	stats.Bytes = int64(h.stateOff + h.stateLen)
 	stats.ID = computeID(sb, ib, sp.parent)
 	stats.Duration = time.Since(start)
 	return stats, nil

@@ -72,6 +72,15 @@ func snapshotCmd(args []string) int {
 		}
 		fmt.Printf("%s: format %s, machine state %s, %s\nid %s\ncreated %s, %d MiB RAM, %d vCPUs\n%d pages stored, %d zero pages recorded, %d bytes\n",
 			args[1], s.Version, s.State.Version, kind, s.ID, s.Created.Format(time.RFC3339), s.MemSize()>>20, s.State.CPUs, s.Pages(), s.ZeroPages(), s.Size)
+		for _, d := range s.Disks() {
+			id := "origin " + d.Origin
+			if d.Kind == snapshot.DiskCOW {
+				id = "base " + d.Base
+			} else if d.Origin == "" {
+				id = "blocks written since the parent"
+			}
+			fmt.Printf("disk %s: %s, %d bytes, %d blocks of %d KiB stored, %s\n", d.Name, d.Kind, d.Size, d.TableLen/48, d.BlockSize>>10, id)
+		}
 		return 0
 	}
 	fmt.Fprintf(os.Stderr, "collective snapshot: unknown command %q (merge, info)\n", args[0])
@@ -100,6 +109,8 @@ func restoreCmd(args []string) int {
 	verify := fs.Bool("verify-hashes", false, "check every page against its content hash")
 	paused := fs.Bool("paused", false, "stay paused after the restore (resume through the API)")
 	verbose := fs.Bool("v", false, "log VMM events to stderr")
+	var disks stringList
+	fs.Var(&disks, "disk", "the machine's disks, as it was run: PATH[,ro][,serial=ID][,base=BASE] (repeatable); a raw disk must be a copy of the one the machine started with, an overlay new or the snapshot's own; the snapshot's blocks are written into it")
 	fs.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: collective restore [flags] SNAPSHOT | FULL INCREMENTAL...\n\nAn incremental snapshot's parents are found by the paths recorded in it.\n\n")
 		fs.PrintDefaults()
@@ -143,7 +154,7 @@ func restoreCmd(args []string) int {
 		return 1
 	}
 	defer closeChain(chain)
-	m, stats, err := snapshot.Restore(chain, machine.Config{Console: console, Log: log},
+	m, stats, err := snapshot.Restore(chain, machine.Config{Console: console, Log: log, Disks: disks},
 		snapshot.RestoreOptions{Lazy: *lazy, Trust: *trust, VerifyHashes: *verify, Progress: snapshot.TerminalProgress(os.Stderr, "restore")})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "collective restore: %v\n", err)

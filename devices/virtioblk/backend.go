@@ -249,6 +249,9 @@ func Open(spec DiskSpec) (*Block, error) {
 		}
 		be = r
 	}
+	// Every opened disk records what is written to it, for snapshots and
+	// migration (Tracker).
+	be = NewTracker(be)
 	b, err := New(Config{Backend: be, ReadOnly: spec.ReadOnly, Serial: spec.Serial})
 	if err != nil {
 		be.Close()

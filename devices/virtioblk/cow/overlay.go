@@ -560,3 +560,29 @@ func (o *Overlay) Close() error {
 	}
 	return err
 }
+
+// Changed calls f, in ascending order, with each run of bytes [off, off+n)
+// that does not read from the base: clusters the overlay holds or records
+// as zeros. A snapshot or a migration that carries these runs, over the
+// same base, carries the whole disk.
+func (o *Overlay) Changed(f func(off, n int64)) {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	size := o.hdr.virtualSize
+	for vc := 0; vc < len(o.table); {
+		if o.table[vc] == valBase {
+			vc++
+			continue
+		}
+		end := vc + 1
+		for end < len(o.table) && o.table[end] != valBase {
+			end++
+		}
+		off := int64(vc) << o.shift
+		n := min(int64(end)<<o.shift, size) - off
+		if n > 0 {
+			f(off, n)
+		}
+		vc = end
+	}
+}
