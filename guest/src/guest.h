@@ -61,5 +61,6 @@ int is_ram(u64 lo, u64 hi);         /* [lo, hi) is RAM in the PVH memmap */
 
 /* ---- modes in other files ---- */
 int mode_blk(void);                 /* virtio_blk.c */
+int mode_hostile(void);             /* hostile.c */
 
 #endif

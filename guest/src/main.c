@@ -765,7 +765,7 @@ int guest_main(struct hvm_start_info *si)
 	pic_mask();
 	split_cmdline();
 	if (argc == 0)
-		fail("no mode on the command line (hello, spin, dirty, exits, smp, fault, echo, rtc, blk)", 2);
+		fail("no mode on the command line (hello, spin, dirty, exits, smp, fault, echo, rtc, blk, hostile)", 2);
 	const char *m = argv[0];
 	if (streq(m, "hello"))
 		return mode_hello();
@@ -785,8 +785,10 @@ int guest_main(struct hvm_start_info *si)
 		return mode_rtc();
 	if (streq(m, "blk"))
 		return mode_blk();
+	if (streq(m, "hostile"))
+		return mode_hostile();
 	puts_("collective-guest: unknown mode ");
 	puts_(m);
-	puts_(" (hello, spin, dirty, exits, smp, fault, echo, rtc, blk)\n");
+	puts_(" (hello, spin, dirty, exits, smp, fault, echo, rtc, blk, hostile)\n");
 	return 2;
 }
