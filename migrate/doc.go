@@ -65,6 +65,47 @@
 //	                   waits for it before deciding, so that the target's
 //	                   backlog never lands in the downtime
 //
+// Protocol 1.1 adds the disks (a 1.1 target still reads 1.0 streams, which
+// have none; a 1.0 target refuses a 1.1 source by version):
+//
+//	S->T disks    (16) right after hello: u32 n (<= MaxDisks), then per disk
+//	                   u8 kind (0 raw, 1 copy-on-write), u64 size,
+//	                   [32]u8 base SHA-256, u64 base size (zero for raw)
+//	T->S welcome       gains, after its 16 bytes, u32 n and n × u32 disk
+//	                   index: the bases this host lacks (absent when none)
+//	S->T base     (17) u32 disk, u32 0, u64 offset, data (<= 256 KiB, in
+//	                   order from 0)
+//	S->T base-end (18) u32 disk: the target checks the size and SHA-256,
+//	                   then stores it in its cache as DIR/bases/HEX-SHA256
+//	S->T disk-block (19) u32 disk, u32 0, u64 block (64 KiB units),
+//	                   u8 encoding (0 plain, 1 lz4 block, 2 zeros: no data),
+//	                   data
+//
+// # Disks
+//
+// Every disk's backend records written blocks (virtioblk.Tracker, 64 KiB
+// granularity, marked when a write, discard or write-zeroes completes).
+// The target is started with the same --disk arguments: a raw disk of the
+// same size (any content: round 0 sends every block, zero blocks as one
+// frame each), or a new overlay path with base=BASE, where BASE is found
+// by hash: the given path when it exists with that SHA-256, else
+// DIR/bases/HEX of --cache DIR; failing both, the target asks for it in
+// its welcome and the source sends it once, chunked, before round 0 (it
+// lands in the cache: the next migration finds it). The target builds the
+// machine only then, over the bases found, and checks each disk's kind,
+// size, base hash, and that an overlay holds nothing yet. Round 0 sends a
+// raw disk's every block and an overlay's every block that does not read
+// from the base (Overlay.Changed) or was written; each later round the
+// blocks the tracker marked meanwhile; the stop phase pauses the machine
+// with its virtio devices quiesced (no request in flight) and sends the
+// rest. The dirty-byte estimate that decides the stop includes disk
+// blocks. The target writes blocks through its own tracker and syncs its
+// disks before it restores the state. The source only reads its disks: a
+// failed migration leaves them untouched, and the dirty blocks it took
+// are given back, so that a later incremental snapshot misses none. A
+// failed target may leave its disk files partly written: they are
+// scratch until the commit.
+//
 // # Faults
 //
 // Until the commit, the source owns the machine: any failure (target

@@ -104,6 +104,11 @@ type Report struct {
 	GuestGapMS *float64 `json:"guest_gap_ms,omitempty"`
 	GuestMode  string   `json:"guest_mode,omitempty"`
 
+	// DiskBlocks counts the disk blocks sent (64 KiB each); BaseBytes the
+	// bytes of base images sent because the target lacked them.
+	DiskBlocks int64 `json:"disk_blocks"`
+	BaseBytes  int64 `json:"base_bytes,omitempty"`
+
 	BytesWire   int64       `json:"bytes_wire"`
 	Pages       PageCounts  `json:"pages"`
 	Rounds      int         `json:"rounds"`

@@ -57,8 +57,9 @@ func (s machineSource) SetDirtyLogging(i int, on bool) error {
 	return s.m.VM().SetDirtyLogging(i, on)
 }
 func (s machineSource) DirtyLog(i int) ([]uint64, error)          { return s.m.VM().DirtyLog(i) }
-func (s machineSource) Pause()                                    { s.m.VM().Pause() }
-func (s machineSource) Resume()                                   { s.m.VM().Resume() }
+func (s machineSource) Pause()                                    { s.m.Pause() }
+func (s machineSource) Resume()                                   { s.m.Resume() }
+func (s machineSource) Disks() []machine.Disk                     { return s.m.Disks() }
 func (s machineSource) SaveState() (*machine.MachineState, error) { return s.m.SaveState() }
 func (s machineSource) CPUs() int                                 { return s.m.Config().CPUs }
 
@@ -166,6 +167,7 @@ func Send(ctx context.Context, src Source, conn net.Conn, rep *Report, opts Opti
 			s.paused = false
 		}
 		s.giveBack()
+		s.giveBackDisks()
 		rep.OK = false
 		rep.Error = err.Error()
 		rep.InDoubt = errors.Is(err, ErrInDoubt)
@@ -205,6 +207,11 @@ type sender struct {
 	taken [][]uint64
 
 	hashes map[[hashSize]byte]struct{}
+
+	// disks are the source's disks (protocol 1.1); need the disks whose
+	// base the target asked for.
+	disks []*srcDisk
+	need  []uint32
 
 	replies chan frame
 	peerErr chan error
@@ -289,6 +296,14 @@ func (s *sender) run(ctx context.Context) error {
 	if err := s.fw.send(frameHello, h.marshal()); err != nil {
 		return s.wireErr("sending hello", err)
 	}
+	s.initDisks()
+	infos := make([]DiskInfo, len(s.disks))
+	for i, d := range s.disks {
+		infos[i] = d.info
+	}
+	if err := s.fw.send(frameDisks, marshalDisks(infos)); err != nil {
+		return s.wireErr("sending the disks", err)
+	}
 	if err := s.fw.flush(); err != nil {
 		return s.wireErr("sending hello", err)
 	}
@@ -296,6 +311,9 @@ func (s *sender) run(ctx context.Context) error {
 		return err
 	}
 	go s.readLoop()
+	if err := s.sendBases(s.need); err != nil {
+		return err
+	}
 
 	// Dirty tracking on, and both logs emptied: from here every write is
 	// in the logs, round 0 copies everything else.
@@ -307,8 +325,10 @@ func (s *sender) run(ctx context.Context) error {
 	if _, err := s.takeDirty(); err != nil {
 		return err
 	}
+	s.takeDiskDirty()
 
-	var cand [][]uint64 // nil: every page
+	var cand [][]uint64  // nil: every page
+	var dcand [][]uint64 // disk blocks; nil: round 0
 	var dirtyPages int64
 	for round := 0; ; round++ {
 		phase := "round"
@@ -318,7 +338,7 @@ func (s *sender) run(ctx context.Context) error {
 		if err := s.hook(phase); err != nil {
 			return err
 		}
-		st, err := s.sendRound(round, cand, false)
+		st, err := s.sendRound(round, cand, dcand, false)
 		if err != nil {
 			return err
 		}
@@ -332,12 +352,14 @@ func (s *sender) run(ctx context.Context) error {
 		if cand, err = s.takeDirty(); err != nil {
 			return err
 		}
+		dcand = s.takeDiskDirty()
 		dirtyPages = countBits(cand)
 		st.DirtyAfter = dirtyPages
 		s.rep.RoundStats = append(s.rep.RoundStats, st)
-		dirtyRate := float64(dirtyPages*pageSize) / (st.MS / 1e3)
-		s.progress("round", round, dirtyRate, dirtyPages*pageSize)
-		if s.expectedDowntime(dirtyPages*pageSize) <= s.opts.Downtime || round+1 >= s.opts.MaxRounds {
+		dirtyBytes := dirtyPages*pageSize + diskBytes(dcand)
+		dirtyRate := float64(dirtyBytes) / (st.MS / 1e3)
+		s.progress("round", round, dirtyRate, dirtyBytes)
+		if s.expectedDowntime(dirtyBytes) <= s.opts.Downtime || round+1 >= s.opts.MaxRounds {
 			break
 		}
 	}
@@ -355,7 +377,12 @@ func (s *sender) run(ctx context.Context) error {
 		return err
 	}
 	orInto(cand, more)
-	st, err := s.sendRound(s.rep.Rounds, cand, true)
+	// The machine is paused and its virtio devices quiesced: no disk
+	// write is in flight, the blocks marked now are the last.
+	for i, m := range s.takeDiskDirty() {
+		orBits(dcand[i], m)
+	}
+	st, err := s.sendRound(s.rep.Rounds, cand, dcand, true)
 	if err != nil {
 		return err
 	}
@@ -479,6 +506,15 @@ func (s *sender) readWelcome() error {
 		return &ProtocolError{f.off, fmt.Sprintf("welcome announces %d hashes", n)}
 	}
 	s.rep.HashesAnnounced = int(n)
+	if rest := f.payload[16:]; len(rest) > 0 {
+		// Protocol 1.1: u32 count, u32 disk index each: the bases to send.
+		if len(rest) < 4 || uint64(len(rest)) != 4+4*uint64(binary.LittleEndian.Uint32(rest)) || binary.LittleEndian.Uint32(rest) > MaxDisks {
+			return &ProtocolError{f.off, "welcome: bad list of bases to send"}
+		}
+		for q := rest[4:]; len(q) > 0; q = q[4:] {
+			s.need = append(s.need, binary.LittleEndian.Uint32(q))
+		}
+	}
 	if n > 0 {
 		s.hashes = make(map[[hashSize]byte]struct{}, n)
 	}
@@ -622,7 +658,7 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 2*MaxPayload+64);
 
 // sendRound sends the candidate pages (nil: all) with parallel encoders
 // and one writer.
-func (s *sender) sendRound(round int, cand [][]uint64, final bool) (RoundStat, error) {
+func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (RoundStat, error) {
 	start := time.Now()
 	st := RoundStat{Round: round, StartMS: ms(start.Sub(s.start))}
 	bytes0 := s.fw.bytes
@@ -712,6 +748,11 @@ func (s *sender) sendRound(round int, cand [][]uint64, final bool) (RoundStat, e
 	}
 	if werr != nil {
 		return st, s.wireErr(fmt.Sprintf("round %d", round), werr)
+	}
+	if len(s.disks) > 0 {
+		if err := s.sendDiskBlocks(dcand); err != nil {
+			return st, err
+		}
 	}
 	var rb [16]byte
 	binary.LittleEndian.PutUint32(rb[:], uint32(round))

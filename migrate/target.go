@@ -38,6 +38,12 @@ type ReceiveOptions struct {
 	Build func(memSize uint64, cpus int) (Target, error)
 	// Cache, when set, holds pages the target announces by hash.
 	Cache *Cache
+	// Bases finds the source's copy-on-write bases on this host by hash
+	// and stores those the source sends (protocol 1.1).
+	Bases *Bases
+	// OnBases, when set, is told before Build the local path of each
+	// disk's base ("" for a raw disk): Build opens the disks over them.
+	OnBases func(paths []string)
 	// IdleTimeout bounds the silence between frames (default 30 s), and
 	// the wait for the commit after ready.
 	IdleTimeout time.Duration
@@ -58,6 +64,8 @@ type ReceiveStats struct {
 	Pages      int64 // pages written with their content
 	ZeroPages  int64 // pages cleared by zero frames
 	HashPages  int64 // pages copied from the cache
+	DiskBlocks int64 // disk blocks written
+	BaseBytes  int64 // bytes of bases received
 	RestoreDur time.Duration
 	GuestGap   time.Duration // 0 when the guest has no heartbeat
 }
@@ -124,6 +132,10 @@ type receiver struct {
 	resumed bool
 	stats   ReceiveStats
 	plain   []byte
+
+	disks     []DiskInfo
+	basePaths []string
+	tdisks    []machine.Disk
 }
 
 func (r *receiver) next() (frame, error) {
@@ -159,30 +171,29 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 	if r.opts.Build == nil {
 		return nil, errors.New("migrate: no machine builder")
 	}
-	t, err := r.opts.Build(h.memSize, int(h.cpus))
-	if err != nil {
-		return nil, fmt.Errorf("migrate: building a %d MiB, %d vCPU machine: %w", h.memSize>>20, h.cpus, err)
-	}
-	r.t, r.mem = t, t.Memory()
-	regs := r.mem.Regions()
-	if len(regs) != len(h.regions) {
-		return nil, fmt.Errorf("migrate: the source has %d memory regions, this machine %d", len(h.regions), len(regs))
-	}
-	for i, g := range regs {
-		if g.GPA != h.regions[i].gpa || g.Size() != h.regions[i].size {
-			return nil, fmt.Errorf("migrate: memory region %d: source %#x+%#x, target %#x+%#x", i, h.regions[i].gpa, h.regions[i].size, g.GPA, g.Size())
+	// Protocol 1.1: the disks, and which bases this host lacks.
+	var need []uint32
+	if h.minor >= 1 {
+		if need, err = r.receiveDisks(); err != nil {
+			return nil, err
 		}
 	}
 	// Welcome, then the hashes of the pages we hold.
-	var w [16]byte
+	w := make([]byte, 16)
 	binary.LittleEndian.PutUint16(w[0:], ProtoMajor)
 	binary.LittleEndian.PutUint16(w[2:], ProtoMinor)
+	if h.minor >= 1 && len(need) > 0 {
+		w = binary.LittleEndian.AppendUint32(w, uint32(len(need)))
+		for _, i := range need {
+			w = binary.LittleEndian.AppendUint32(w, i)
+		}
+	}
 	var hashes [][hashSize]byte
 	if r.opts.Cache != nil {
 		hashes = r.opts.Cache.hashList()
 	}
 	binary.LittleEndian.PutUint64(w[8:], uint64(len(hashes)))
-	if err := r.fw.send(frameWelcome, w[:]); err != nil {
+	if err := r.fw.send(frameWelcome, w); err != nil {
 		return nil, fmt.Errorf("migrate: sending welcome: %w", err)
 	}
 	for len(hashes) > 0 {
@@ -200,6 +211,31 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 		return nil, fmt.Errorf("migrate: sending welcome: %w", err)
 	}
 	r.plain = make([]byte, chunkBytes)
+	if err := r.receiveBases(need); err != nil {
+		return nil, err
+	}
+	if r.opts.OnBases != nil && r.basePaths != nil {
+		r.opts.OnBases(r.basePaths)
+	}
+	t, err := r.opts.Build(h.memSize, int(h.cpus))
+	if err != nil {
+		return nil, fmt.Errorf("migrate: building a %d MiB, %d vCPU machine: %w", h.memSize>>20, h.cpus, err)
+	}
+	r.t, r.mem = t, t.Memory()
+	regs := r.mem.Regions()
+	if len(regs) != len(h.regions) {
+		return nil, fmt.Errorf("migrate: the source has %d memory regions, this machine %d", len(h.regions), len(regs))
+	}
+	for i, g := range regs {
+		if g.GPA != h.regions[i].gpa || g.Size() != h.regions[i].size {
+			return nil, fmt.Errorf("migrate: memory region %d: source %#x+%#x, target %#x+%#x", i, h.regions[i].gpa, h.regions[i].size, g.GPA, g.Size())
+		}
+	}
+	if h.minor >= 1 {
+		if err := r.checkTargetDisks(); err != nil {
+			return nil, err
+		}
+	}
 
 	var st *machine.MachineState
 	round := 0
@@ -215,6 +251,8 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 			err = r.zero(f)
 		case frameHashRef:
 			err = r.hashRef(f)
+		case frameDiskBlock:
+			err = r.diskBlock(f)
 		case frameRound:
 			if len(f.payload) != 16 || binary.LittleEndian.Uint32(f.payload) != uint32(round) {
 				return nil, &ProtocolError{f.off, fmt.Sprintf("round frame out of sequence (want round %d)", round)}
@@ -275,6 +313,9 @@ func (r *receiver) finish(ctx context.Context, st *machine.MachineState) (*Incom
 		hb0.tscKHz = k.TSCKHz()
 	}
 	hbOK = hbOK && hb0.tscKHz != 0
+	if err := r.syncDisks(); err != nil {
+		return nil, err
+	}
 	if err := r.t.RestoreState(st); err != nil {
 		return nil, fmt.Errorf("migrate: restoring the machine state: %w", err)
 	}

@@ -15,7 +15,7 @@ import (
 // target accepts the same major version with a minor no newer than its own.
 const (
 	ProtoMajor = 1
-	ProtoMinor = 0
+	ProtoMinor = 1
 )
 
 // Frame types.
@@ -42,6 +42,7 @@ var frameNames = map[byte]string{
 	frameZero: "zero", frameHashRef: "hashref", frameRound: "round", frameState: "state",
 	frameEnd: "end", frameReady: "ready", frameCommit: "commit", frameResumed: "resumed",
 	frameInfo: "info", frameError: "error", frameRoundAck: "round-ack",
+	frameDisks: "disks", frameBase: "base", frameBaseEnd: "base-end", frameDiskBlock: "disk-block",
 }
 
 func frameName(t byte) string {

@@ -11,10 +11,14 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
 
 	"collective/api"
+	"collective/devices/virtioblk"
+	"collective/devices/virtioblk/cow"
 	"collective/internal/term"
 	"collective/kvm/guestmem"
 	"collective/machine"
@@ -143,6 +147,56 @@ func (t *incomingMachine) Resume() error {
 }
 func (t *incomingMachine) Close() error { return t.m.Close() }
 
+// Disks implements migrate.DiskTarget.
+func (t *incomingMachine) Disks() []machine.Disk { return t.m.Disks() }
+
+// formatDisk writes a DiskSpec back as a --disk argument.
+func formatDisk(d virtioblk.DiskSpec) string {
+	s := d.Path
+	if d.ReadOnly {
+		s += ",ro"
+	}
+	if d.Serial != "" {
+		s += ",serial=" + d.Serial
+	}
+	if d.Base != "" {
+		s += ",base=" + d.Base
+	}
+	if d.Direct {
+		s += ",direct"
+	}
+	return s
+}
+
+// incomingBases finds the bases of the --disk arguments on this host (by
+// hash) and names the cache directory a missing base is received into.
+func incomingBases(disks []string, cacheDir string) (*migrate.Bases, bool, error) {
+	b := &migrate.Bases{Known: map[[32]byte]string{}}
+	if cacheDir != "" {
+		b.Dir = filepath.Join(cacheDir, "bases")
+	}
+	all := true
+	for _, a := range disks {
+		spec, err := virtioblk.ParseDisk(a)
+		if err != nil {
+			return nil, false, err
+		}
+		if spec.Base == "" {
+			continue
+		}
+		if _, err := os.Stat(spec.Base); err != nil {
+			all = false
+			continue
+		}
+		sum, _, err := cow.BaseHash(spec.Base, nil)
+		if err != nil {
+			return nil, false, err
+		}
+		b.Known[sum] = spec.Base
+	}
+	return b, all, nil
+}
+
 // TSCKHz implements migrate.TSCKHzer.
 func (t *incomingMachine) TSCKHz() uint64 {
 	k, err := t.m.VM().VCPUs()[0].TSCKHz()
@@ -171,8 +225,13 @@ func runIncoming(addr string, pre machine.Config, console io.Writer, input bool,
 		}
 		fmt.Fprintf(os.Stderr, "collective run: cache %s: %d pages from %d snapshot(s)\n", cacheDir, cache.Len(), cache.Files)
 	}
+	bases, allBases, err := incomingBases(pre.Disks, cacheDir)
+	if err != nil {
+		return failf("%v", err)
+	}
+	var basePaths []string
 	var prebuilt *machine.Machine
-	if pre.MemSize != 0 {
+	if pre.MemSize != 0 && allBases {
 		pre.Console, pre.Log = console, log
 		m, err := machine.NewBare(pre)
 		if err != nil {
@@ -203,16 +262,34 @@ func runIncoming(addr string, pre machine.Config, console io.Writer, input bool,
 	var tgt *incomingMachine
 	start := time.Now()
 	in, err := migrate.Receive(ctx, conn, migrate.ReceiveOptions{
-		Cache: cache,
+		Cache:   cache,
+		Bases:   bases,
+		OnBases: func(p []string) { basePaths = p },
 		Build: func(size uint64, cpus int) (migrate.Target, error) {
+			// Each copy-on-write disk over the base found (or received)
+			// by the source's hash.
+			disks := slices.Clone(pre.Disks)
+			changed := false
+			for i := range disks {
+				if i < len(basePaths) && basePaths[i] != "" {
+					spec, err := virtioblk.ParseDisk(disks[i])
+					if err != nil {
+						return nil, err
+					}
+					if spec.Base != basePaths[i] {
+						spec.Base, changed = basePaths[i], true
+						disks[i] = formatDisk(spec)
+					}
+				}
+			}
 			m := prebuilt
 			prebuilt = nil
-			if m == nil || m.Config().MemSize != size || m.Config().CPUs != cpus {
+			if m == nil || changed || m.Config().MemSize != size || m.Config().CPUs != cpus {
 				if m != nil {
 					m.Close()
 				}
 				var err error
-				if m, err = machine.NewBare(machine.Config{MemSize: size, CPUs: cpus, Console: console, Log: log}); err != nil {
+				if m, err = machine.NewBare(machine.Config{MemSize: size, CPUs: cpus, Console: console, Log: log, Disks: disks}); err != nil {
 					return nil, err
 				}
 			}
@@ -232,6 +309,9 @@ func runIncoming(addr string, pre machine.Config, console io.Writer, input bool,
 	gap := ""
 	if st.GuestGap > 0 {
 		gap = fmt.Sprintf(", guest-observed gap %.2f ms", float64(st.GuestGap.Microseconds())/1000)
+	}
+	if st.DiskBlocks > 0 || st.BaseBytes > 0 {
+		gap += fmt.Sprintf(", %d disk blocks, %.1f MB of bases received", st.DiskBlocks, float64(st.BaseBytes)/1e6)
 	}
 	fmt.Fprintf(os.Stderr, "collective run: migrated in from %s in %.1f ms: %d rounds, %.1f MB, %d pages, %d zeroed, %d from the cache, restore %.2f ms%s\n",
 		conn.RemoteAddr(), float64(time.Since(start).Microseconds())/1000, st.Rounds, float64(st.Bytes)/1e6,

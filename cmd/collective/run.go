@@ -91,6 +91,7 @@ func runCmd(args []string) int {
 				pre = machine.Config{MemSize: size, CPUs: *cpus}
 			}
 		})
+		pre.Disks = disks
 		return runIncoming(*incoming, pre, console, input, *apiPath, *cacheDir, log)
 	}
 	m, err := machine.New(machine.Config{
