@@ -61,28 +61,12 @@ func runCmd(args []string) int {
 	if err != nil {
 		return fail("--mem: %v", err)
 	}
-	level := slog.LevelWarn
-	if *verbose {
-		level = slog.LevelDebug
+	log := newLogger(*verbose)
+	console, input, closeConsole, err := openConsole(*serialTo)
+	if err != nil {
+		return fail("%v", err)
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-
-	var console io.Writer
-	input := false
-	switch {
-	case *serialTo == "stdio":
-		console, input = os.Stdout, true
-	case *serialTo == "none":
-	case strings.HasPrefix(*serialTo, "file:"):
-		f, err := os.Create(strings.TrimPrefix(*serialTo, "file:"))
-		if err != nil {
-			return fail("--serial: %v", err)
-		}
-		defer f.Close()
-		console = f
-	default:
-		return fail("--serial %q: want stdio, file:PATH or none", *serialTo)
-	}
+	defer closeConsole()
 
 	if *incoming != "" {
 		var pre machine.Config // --mem given: build the machine before the source connects
@@ -224,4 +208,31 @@ func exitStatus(cmd string, exit machine.Exit) int {
 		return 1
 	}
 	return 0
+}
+
+// newLogger returns the VMM's logger: warnings on stderr, everything with -v.
+func newLogger(verbose bool) *slog.Logger {
+	level := slog.LevelWarn
+	if verbose {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+}
+
+// openConsole opens the --serial destination: stdio (with input from
+// stdin), file:PATH or none. The returned function closes what it opened.
+func openConsole(spec string) (out io.Writer, input bool, closeFn func(), err error) {
+	switch {
+	case spec == "stdio":
+		return os.Stdout, true, func() {}, nil
+	case spec == "none":
+		return nil, false, func() {}, nil
+	case strings.HasPrefix(spec, "file:"):
+		f, err := os.Create(strings.TrimPrefix(spec, "file:"))
+		if err != nil {
+			return nil, false, nil, fmt.Errorf("--serial: %w", err)
+		}
+		return f, false, func() { f.Close() }, nil
+	}
+	return nil, false, nil, fmt.Errorf("--serial %q: want stdio, file:PATH or none", spec)
 }

@@ -5,11 +5,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -125,29 +122,13 @@ func restoreCmd(args []string) int {
 		fs.Usage()
 		return 2
 	}
-	level := slog.LevelWarn
-	if *verbose {
-		level = slog.LevelDebug
-	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	var console io.Writer
-	input := false
-	switch {
-	case *serialTo == "stdio":
-		console, input = os.Stdout, true
-	case *serialTo == "none":
-	case strings.HasPrefix(*serialTo, "file:"):
-		f, err := os.Create(strings.TrimPrefix(*serialTo, "file:"))
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "collective restore: --serial: %v\n", err)
-			return 2
-		}
-		defer f.Close()
-		console = f
-	default:
-		fmt.Fprintf(os.Stderr, "collective restore: --serial %q: want stdio, file:PATH or none\n", *serialTo)
+	log := newLogger(*verbose)
+	console, input, closeConsole, err := openConsole(*serialTo)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "collective restore: %v\n", err)
 		return 2
 	}
+	defer closeConsole()
 	chain, err := openChain(fs.Args())
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "collective restore: %v\n", err)
