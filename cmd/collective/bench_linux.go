@@ -24,6 +24,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"collective/image"
@@ -49,6 +50,25 @@ type driveReport struct {
 	Sent      []driveSent       `json:"sent"`
 	Exits     map[string]uint64 `json:"exits,omitempty"` // from collective run -v
 	Error     string            `json:"error,omitempty"`
+	// With --then: when the command started (-1: never) and its exit
+	// status (-1: did not run or was killed).
+	ThenMS     float64 `json:"then_ms"`
+	ThenStatus int     `json:"then_status"`
+}
+
+// driveOptions are linux-drive's flags.
+type driveOptions struct {
+	send      []string
+	prompt    *regexp.Regexp
+	typeahead bool
+	// noBanner: the guest already runs (collective restore, run
+	// --incoming): prompts count from the VMM's start and the first line
+	// is typed at once.
+	noBanner bool
+	// then is a shell command run (environment VMM_PID) once the prompt
+	// after the last line has appeared; the VMM runs on meanwhile.
+	then    string
+	timeout time.Duration
 }
 
 type driveSent struct {
@@ -68,6 +88,8 @@ func benchLinuxDrive(args []string) int {
 	timeout := fs.Duration("timeout", 3*time.Minute, "kill the VMM after this long")
 	prompt := fs.String("prompt", defaultPrompt, "regular expression of the shell prompt")
 	typeahead := fs.Bool("typeahead", false, "type every line as soon as the banner appears instead of one per prompt")
+	noBanner := fs.Bool("nobanner", false, "the guest already runs (restore, run --incoming): type the first line at once, then one per prompt")
+	then := fs.String("then", "", "once the prompt after the last line appears, run this shell command (environment: VMM_PID) while the VMM runs on")
 	var send stringsFlag
 	fs.Var(&send, "send", "a line to type at the next prompt (repeatable)")
 	fs.Usage = func() {
@@ -82,17 +104,19 @@ func benchLinuxDrive(args []string) int {
 		fs.Usage()
 		return 2
 	}
-	rep := drive(fs.Args(), send, re, *typeahead, *timeout, os.Stdout)
+	rep := drive(fs.Args(), driveOptions{send: send, prompt: re, typeahead: *typeahead, noBanner: *noBanner,
+		then: *then, timeout: *timeout}, os.Stdout)
 	b, _ := json.Marshal(rep)
 	fmt.Printf("\n%s%s\n", driveMarker, b)
 	return 0
 }
 
 // drive runs argv with its stdin and stdout on pipes, copying its output
-// (stdout and stderr) to out and typing send as the prompts come.
-func drive(argv []string, send []string, prompt *regexp.Regexp, typeahead bool, timeout time.Duration, out io.Writer) *driveReport {
-	rep := &driveReport{BannerMS: -1, PromptMS: -1, Status: -1}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+// (stdout and stderr) to out and typing o.send as the prompts come.
+func drive(argv []string, o driveOptions, out io.Writer) *driveReport {
+	send, prompt, typeahead := o.send, o.prompt, o.typeahead
+	rep := &driveReport{BannerMS: -1, PromptMS: -1, Status: -1, ThenMS: -1, ThenStatus: -1}
+	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	stdin, err := cmd.StdinPipe()
@@ -106,6 +130,9 @@ func drive(argv []string, send []string, prompt *regexp.Regexp, typeahead bool, 
 		return rep
 	}
 	var stderr bytes.Buffer
+	// out is written by the loop below, by the VMM's stderr copier and by
+	// the --then command.
+	out = &lockedWriter{mu: new(sync.Mutex), w: out}
 	cmd.Stderr = io.MultiWriter(&stderr, out)
 	start := time.Now()
 	rep.StartUnix = unixSeconds(start)
@@ -117,11 +144,34 @@ func drive(argv []string, send []string, prompt *regexp.Regexp, typeahead bool, 
 	var (
 		console []byte
 		next    int // next line of send
+		thenCmd *exec.Cmd
+		thenErr = make(chan error, 1)
 	)
+	if o.noBanner {
+		rep.BannerMS = 0
+	}
+	startThen := func() {
+		rep.ThenMS = ms()
+		thenCmd = exec.CommandContext(ctx, "/bin/sh", "-c", o.then)
+		thenCmd.Env = append(os.Environ(), fmt.Sprintf("VMM_PID=%d", cmd.Process.Pid))
+		thenCmd.Stdout, thenCmd.Stderr = out, out
+		if err := thenCmd.Start(); err != nil {
+			thenErr <- err
+			return
+		}
+		go func() { thenErr <- thenCmd.Wait() }()
+	}
+	if o.noBanner && len(send) == 0 && o.then != "" {
+		startThen()
+	}
 	typeLine := func(l string) {
 		now := time.Now()
 		rep.Sent = append(rep.Sent, driveSent{Line: l, MS: float64(now.Sub(start).Microseconds()) / 1000, Unix: unixSeconds(now)})
 		io.WriteString(stdin, l+"\n")
+	}
+	if o.noBanner && len(send) > 0 {
+		typeLine(send[0])
+		next = 1
 	}
 	p := make([]byte, 4096)
 	for {
@@ -139,14 +189,20 @@ func drive(argv []string, send []string, prompt *regexp.Regexp, typeahead bool, 
 				}
 			}
 			if rep.BannerMS >= 0 {
-				at := bytes.Index(console, []byte(image.BannerPrefix))
+				at := max(bytes.Index(console, []byte(image.BannerPrefix)), 0)
 				prompts := len(prompt.FindAllIndex(console[at:], -1))
 				if prompts > 0 && rep.PromptMS < 0 {
 					rep.PromptMS = ms()
 				}
+				if o.noBanner {
+					prompts++ // the first line went at once
+				}
 				for next < len(send) && next < prompts {
 					typeLine(send[next])
 					next++
+				}
+				if o.then != "" && rep.ThenMS < 0 && next == len(send) && prompts > len(send) {
+					startThen()
 				}
 			}
 		}
@@ -155,6 +211,18 @@ func drive(argv []string, send []string, prompt *regexp.Regexp, typeahead bool, 
 		}
 	}
 	werr := cmd.Wait()
+	if rep.ThenMS >= 0 {
+		// The command may outlive the VMM (a migration's source exits
+		// before the migrate command returns); the timeout bounds it.
+		err := <-thenErr
+		var te *exec.ExitError
+		switch {
+		case err == nil:
+			rep.ThenStatus = 0
+		case errors.As(err, &te):
+			rep.ThenStatus = te.ExitCode()
+		}
+	}
 	rep.EndMS = ms()
 	rep.EndUnix = unixSeconds(time.Now())
 	rep.TimedOut = ctx.Err() != nil
@@ -169,6 +237,18 @@ func drive(argv []string, send []string, prompt *regexp.Regexp, typeahead bool, 
 	}
 	rep.Exits = parseExits(stderr.String())
 	return rep
+}
+
+// lockedWriter serialises writes to w.
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
 
 // exitsMapRe matches collective run -v's last line: exits=map[IO:1196 MMIO:3].
