@@ -269,6 +269,7 @@ func (s *Serial) writeFCR(v uint8) {
 func (s *Serial) writeMCR(v uint8) {
 	oldIn := s.msrInputs()
 	oldLoop := s.mcr&mcrLoop != 0
+	oldRTS := s.mcr & mcrRTS
 	s.mcr = v & mcrMask
 	newIn := s.msrInputs()
 	changed := oldIn ^ newIn
@@ -284,8 +285,8 @@ func (s *Serial) writeMCR(v uint8) {
 	if oldIn&msrRI != 0 && newIn&msrRI == 0 {
 		s.msrDelta |= msrTERI // trailing edge of RI
 	}
-	if oldLoop && s.mcr&mcrLoop == 0 {
-		s.notify()
+	if oldLoop && s.mcr&mcrLoop == 0 || oldRTS == 0 && s.mcr&mcrRTS != 0 {
+		s.notify() // the guest may listen now
 	}
 }
 
@@ -335,13 +336,15 @@ func (s *Serial) txDone() {
 
 // Enqueue offers host input to the receiver and reports how many bytes of b
 // it took: as many as fit in the receive FIFO (16 bytes with FIFOs enabled,
-// 1 without), and none while the guest does not listen (IER bit 0 clear) or
-// the UART is in loopback. When it takes fewer than len(b), the caller waits
-// on InputReady and offers the rest again.
+// 1 without), and none while the guest does not listen: RTS clear (MCR bit
+// 1: a driver raises it when the port is opened, and Linux keeps it low
+// while it probes the UART and clears its buffers), IER bit 0 clear, or the
+// UART in loopback. When it takes fewer than len(b), the caller waits on
+// InputReady and offers the rest again: nothing typed ahead is lost.
 func (s *Serial) Enqueue(b []byte) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.ier&ierRDA == 0 || s.mcr&mcrLoop != 0 {
+	if s.ier&ierRDA == 0 || s.mcr&mcrRTS == 0 || s.mcr&mcrLoop != 0 {
 		return 0
 	}
 	n := 0

@@ -25,6 +25,7 @@ func Example() {
 	go com1.Feed(ctx, strings.NewReader("uname -r\n")) // os.Stdin in the VMM
 
 	// What the guest's driver does:
+	pio.Write(0x3f8+4, []byte{0x03}) // MCR: DTR and RTS, the port is open
 	pio.Write(0x3f8+1, []byte{0x01}) // IER: listen for received data
 	for _, b := range []byte("hello\n") {
 		pio.Write(0x3f8, []byte{b}) // THR

@@ -125,16 +125,16 @@ func TestRegisters(t *testing.T) {
 			wr(regIER, ierTHRE), wr(regData, 'x'), rd(regIIR, 0x02), rd(regIIR, 0x01),
 		}, "x"},
 		{"RX without FIFO", []step{
-			wr(regIER, ierRDA), rd(regIIR, 0x01), host("a"), rd(regLSR, 0x61), rd(regIIR, 0x04),
+			wr(regMCR, mcrRTS), wr(regIER, ierRDA), rd(regIIR, 0x01), host("a"), rd(regLSR, 0x61), rd(regIIR, 0x04),
 			rd(regData, 'a'), rd(regIIR, 0x01), rd(regLSR, 0x60),
 		}, ""},
 		{"RX trigger level 8 with character timeout", []step{
-			wr(regIIR, 0x81), wr(regIER, ierRDA), host("abc"), rd(regIIR, 0xcc),
+			wr(regIIR, 0x81), wr(regMCR, mcrRTS), wr(regIER, ierRDA), host("abc"), rd(regIIR, 0xcc),
 			host("defgh"), rd(regIIR, 0xc4), rd(regData, 'a'), rd(regIIR, 0xcc),
 			wr(regIIR, 0x83), rd(regIIR, 0xc1), rd(regLSR, 0x60),
 		}, ""},
 		{"RX trigger levels 1, 4, 14", []step{
-			wr(regIER, ierRDA), wr(regIIR, 0x01), host("a"), rd(regIIR, 0xc4),
+			wr(regMCR, mcrRTS), wr(regIER, ierRDA), wr(regIIR, 0x01), host("a"), rd(regIIR, 0xc4),
 			wr(regIIR, 0x43), host("abc"), rd(regIIR, 0xcc), host("d"), rd(regIIR, 0xc4),
 			wr(regIIR, 0xc3), host("abcdefghijklm"), rd(regIIR, 0xcc), host("n"), rd(regIIR, 0xc4),
 		}, ""},
@@ -205,10 +205,10 @@ func TestIRQLine(t *testing.T) {
 			wr(regMCR, mcrOUT2), wr(regIER, ierTHRE), wr(regData, 'x'),
 		}, []bool{true, false, true}},
 		{"RX data raises until read", []step{
-			wr(regMCR, mcrOUT2), wr(regIER, ierRDA), host("a"), rd(regData, 'a'), rd(regData, 0),
+			wr(regMCR, mcrOUT2|mcrRTS), wr(regIER, ierRDA), host("a"), rd(regData, 'a'), rd(regData, 0),
 		}, []bool{true, false}},
 		{"IER disable lowers", []step{
-			wr(regMCR, mcrOUT2), wr(regIER, ierRDA), host("a"), wr(regIER, 0), wr(regIER, ierRDA),
+			wr(regMCR, mcrOUT2|mcrRTS), wr(regIER, ierRDA), host("a"), wr(regIER, 0), wr(regIER, ierRDA),
 		}, []bool{true, false, true}},
 	}
 	for _, tt := range tests {
@@ -230,6 +230,15 @@ func TestEnqueue(t *testing.T) {
 			t.Fatalf("Enqueue = %d, want 0", n)
 		}
 		s.Write(regIER, []byte{ierRDA})
+		if n := s.Enqueue([]byte("abc")); n != 0 {
+			t.Fatalf("Enqueue with RTS low (Linux probing the port) = %d, want 0", n)
+		}
+		s.Write(regMCR, []byte{mcrRTS})
+		select {
+		case <-s.InputReady():
+		default:
+			t.Fatal("raising RTS did not signal InputReady")
+		}
 		s.Write(regMCR, []byte{mcrLoop})
 		if n := s.Enqueue([]byte("abc")); n != 0 {
 			t.Fatalf("Enqueue in loopback = %d, want 0", n)
@@ -237,6 +246,7 @@ func TestEnqueue(t *testing.T) {
 	})
 	t.Run("bounded by the FIFO", func(t *testing.T) {
 		s := New(nil, nil)
+		s.Write(regMCR, []byte{mcrRTS})
 		s.Write(regIER, []byte{ierRDA})
 		if n := s.Enqueue([]byte("abc")); n != 1 {
 			t.Fatalf("Enqueue without FIFO = %d, want 1", n)
@@ -321,6 +331,7 @@ func (w *blockingWriter) Write(p []byte) (int, error) {
 func TestBlockingOutputDoesNotHoldRegisters(t *testing.T) {
 	w := &blockingWriter{started: make(chan struct{}), release: make(chan struct{})}
 	s := New(w, nil)
+	s.Write(regMCR, []byte{mcrRTS})
 	s.Write(regIER, []byte{ierTHRE | ierRDA})
 	done := make(chan struct{})
 	go func() { s.Write(regData, []byte{'x'}); close(done) }()
@@ -346,6 +357,7 @@ func TestBlockingOutputDoesNotHoldRegisters(t *testing.T) {
 
 func TestBadAccess(t *testing.T) {
 	s := New(nil, nil)
+	s.Write(regMCR, []byte{mcrRTS})
 	s.Write(regIER, []byte{ierRDA})
 	s.Enqueue([]byte("a"))
 	before := s.Save()
@@ -376,7 +388,7 @@ func TestSaveRestore(t *testing.T) {
 		{"reset", nil},
 		{"divisor and scratch", []step{wr(regLCR, 0x83), wr(regData, 3), wr(regIER, 1), wr(regSCR, 9)}},
 		{"bytes in the FIFO, RX interrupt pending", []step{
-			wr(regIIR, 0xc1), wr(regMCR, mcrOUT2), wr(regIER, 0x0f), host("hello"),
+			wr(regIIR, 0xc1), wr(regMCR, mcrOUT2|mcrRTS), wr(regIER, 0x0f), host("hello"),
 		}},
 		{"THRE pending", []step{wr(regMCR, mcrOUT2), wr(regIER, ierTHRE)}},
 		{"overrun and modem deltas in loopback", []step{
@@ -465,7 +477,7 @@ func TestConcurrentAccess(t *testing.T) {
 	var irq fakeIRQ
 	s := New(&out, &irq)
 	s.Write(regIIR, []byte{0x07})
-	s.Write(regMCR, []byte{mcrOUT2})
+	s.Write(regMCR, []byte{mcrOUT2 | mcrRTS})
 	s.Write(regIER, []byte{0x0f})
 	var wg sync.WaitGroup
 	for g := range 4 {

@@ -666,13 +666,14 @@ static int mode_fault(void)
 
 /* echo reads lines from COM1 and prints each back as "echo: LINE"; the line
  * "quit" ends it with exit code 0. It tests host input to the serial port.
- * IER bit 0 tells the UART we listen (Collective's UART only takes host
- * input then); OUT2 stays clear so no interrupt reaches the masked PIC. */
+ * RTS and IER bit 0 tell the UART we listen (Collective's UART only takes
+ * host input then); OUT2 stays clear so no interrupt reaches the masked PIC. */
 static int mode_echo(void)
 {
 	char line[128];
 	int n = 0;
 	outb(COM1 + 2, 0x07); /* FCR: enable and reset the FIFOs */
+	outb(COM1 + 4, 0x03); /* MCR: DTR and RTS, the port is open (OUT2 clear) */
 	outb(COM1 + 1, 0x01); /* IER: received data available (after the reset) */
 	puts_("echo: ready\n");
 	for (;;) {
