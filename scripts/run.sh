@@ -25,16 +25,11 @@ mem=${MEM:-512M}
 
 say() { echo "make run: $*" >&2; }
 
-# run CMD...: runs CMD with this terminal, or with piped stdin prefixed by
-# a few spaces. Linux's 8250 driver probes COM1 by setting IER to 0x0f for
-# a moment and then resets the FIFO: a byte the VMM fed in that window is
-# lost (seen: the first one or two bytes of a piped script). The spaces
-# absorb that, and the shell ignores the ones that arrive.
+# run CMD...: runs CMD with this terminal or the piped stdin. (The UART
+# takes host input only once the guest's driver has opened the port, so
+# nothing piped is lost while Linux probes COM1.)
 run() {
-	if [ -t 0 ]; then
-		exec "$@"
-	fi
-	{ printf '        '; cat; } | "$@"
+	exec "$@"
 }
 
 # apt_install PACKAGE...: install Debian packages (as root, or with sudo).
