@@ -335,7 +335,8 @@ static void update_bar(void)
 	u64 a = pci_read32(h.pci, off) & ~0xfULL;
 	a |= (u64)pci_read32(h.pci, (u8)(off + 4)) << 32;
 	u16 cmd = pci_read16(h.pci, PCI_COMMAND);
-	h.bar = (cmd & PCI_CMD_MEM) && a >= HOLE_LO && a + h.barsize <= HOLE_HI ? a : 0;
+	/* (a + size could wrap: a 64-bit BAR may hold anything) */
+	h.bar = (cmd & PCI_CMD_MEM) && a >= HOLE_LO && a <= HOLE_HI - h.barsize ? a : 0;
 	for (int i = 0; i < h.nothers; i++) {
 		struct other_bar *o = &h.others[i];
 		if (o->cur < a + h.barsize && a < o->cur + o->size)
@@ -396,13 +397,17 @@ static void port_op(void)
 		if (n == 1) inb(port); else if (n == 2) inw_(port); else inl_(port);
 		return;
 	}
+	/* The controller takes only 1-byte writes: only those change what
+	 * it waits for (a 2-byte write after 0xD1 leaves 0xD1 pending). */
 	if (port == 0x64) {
 		if ((v & 0xff) >= 0xf0)
 			v |= 1; /* a pulse with bit 0 clear resets the machine */
-		h.i8042_pending = (v & 0xff) == 0xd1;
+		if (n == 1)
+			h.i8042_pending = (v & 0xff) == 0xd1;
 	} else if (port == 0x60 && h.i8042_pending) {
 		v |= 1; /* output port bit 0 clear: reset */
-		h.i8042_pending = 0;
+		if (n == 1)
+			h.i8042_pending = 0;
 	}
 	if (port == COM1 && chance(2))
 		v = '.'; /* keep the console mostly printable */

@@ -29,6 +29,10 @@ void trap_handler(struct trap_frame *f)
 {
 	u64 cr2;
 	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+	/* A UART left in loopback or with DLAB set (hostile mode) would
+	 * swallow the report: 8N1, no loopback first. */
+	outb(COM1 + 3, 0x03);
+	outb(COM1 + 4, 0x03);
 	tputs("\ncollective-guest: EXCEPTION vector ");
 	thex(f->vector);
 	tputs(" error ");
