@@ -155,7 +155,15 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, Error{fmt.Sprintf("no endpoint %s (try GET /state, POST /pause, /resume, /snapshot, /migrate)", r.URL.Path)})
 	})
-	return mux
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !strings.HasPrefix(r.URL.Path, "/") {
+			// ServeMux answers a "*" (or any non-path) target itself with
+			// an empty 400; every error of the API is JSON.
+			writeJSON(w, http.StatusBadRequest, Error{fmt.Sprintf("request target %q: want a path such as /state", r.RequestURI)})
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

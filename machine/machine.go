@@ -227,6 +227,9 @@ func (m *Machine) build() error {
 	m.RTC = rtc.New(nil)
 	m.I8042 = i8042.New(m.vm.IRQLine(KeyboardIRQ), m.vm.IRQLine(MouseIRQ), func() { m.finish(Exit{Reason: ExitReset}) })
 	m.DebugExit = debugexit.New(func(code int) { m.finish(Exit{Reason: ExitDebug, Code: code}) })
+	m.Serial.SetLogger(m.log.With("device", "serial"))
+	m.RTC.SetLogger(m.log.With("device", "rtc"))
+	m.I8042.SetLogger(m.log.With("device", "i8042"))
 	for _, d := range []struct {
 		name       string
 		base, size uint64
