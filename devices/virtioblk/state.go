@@ -1,7 +1,6 @@
 package virtioblk
 
 import (
-	"bytes"
 	"fmt"
 )
 
@@ -27,8 +26,10 @@ func (b *Block) Save() State {
 }
 
 // Restore checks st against the device (built by New on the same disk):
-// a snapshot must resume on a disk of the same capacity, mode, serial and
-// queue size. Restore the device before its transport.
+// a snapshot must resume on a disk of the same capacity, mode and queue
+// size. The serial is the guest's view of the disk's identity, so the
+// restored device answers GET_ID with the saved one, whatever the new
+// file is called. Restore the device before its transport.
 func (b *Block) Restore(st State) error {
 	switch {
 	case st.Version != StateVersion:
@@ -37,10 +38,9 @@ func (b *Block) Restore(st State) error {
 		return fmt.Errorf("virtioblk: restore: capacity %d sectors, disk has %d", st.Capacity, b.capacity)
 	case st.ReadOnly != b.ro:
 		return fmt.Errorf("virtioblk: restore: read-only %v, disk opened read-only %v", st.ReadOnly, b.ro)
-	case !bytes.Equal(st.Serial[:], b.serial[:]):
-		return fmt.Errorf("virtioblk: restore: serial %q, disk has %q", st.Serial, b.serial)
 	case st.QueueSize != b.qsize:
 		return fmt.Errorf("virtioblk: restore: queue size %d, device offers %d", st.QueueSize, b.qsize)
 	}
+	b.serial = st.Serial
 	return nil
 }
