@@ -13,7 +13,8 @@
 //	POST port      0x80 (writes ignored: Linux uses it as an I/O delay)
 //	PCI            config mechanism 1 at 0xcf8-0xcff, host bridge 00:00.0,
 //	               BARs in [0xc0000000, 0xfec00000), virtio-pci devices
-//	               (virtio-blk per --disk) with MSI-X and ioeventfd doorbells,
+//	               (virtio-blk per --disk) with MSI-X (GSI routes + irqfds)
+//	               and ioeventfd doorbells,
 //	               then pvpanic-pci (1b36:0011): a guest panic ends the VM
 //	PIC, IOAPIC, LAPIC, PIT: in the kernel (KVM)
 //	RAM            [0, 3 GiB) and, above 3 GiB of RAM, [4 GiB, ...)
@@ -125,6 +126,7 @@ type Machine struct {
 	pci     *pci.Bus
 	virtio  []*virtioDev
 	pvpanic *pvpanic.Device
+	msi     *msiRouter
 
 	exitOnce sync.Once
 	exit     Exit
@@ -360,7 +362,11 @@ func (m *Machine) Run(ctx context.Context) Exit {
 // Close releases the VM and /dev/kvm.
 func (m *Machine) Close() error {
 	m.vm.Stop()
-	err := errors.Join(m.closeVirtio(), m.vm.Close())
+	err := m.closeVirtio()
+	if m.msi != nil {
+		m.msi.close()
+	}
+	err = errors.Join(err, m.vm.Close())
 	m.sys.Close()
 	return err
 }

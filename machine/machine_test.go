@@ -338,3 +338,49 @@ func TestPVPanic(t *testing.T) {
 		t.Fatalf("exit %+v, want panic", exit)
 	}
 }
+
+// TestMSIThroughIRQFD: an MSI a device signals goes through a GSI route and
+// an irqfd into the LAPIC of its destination; routes are reused per message
+// and recycled beyond maxMSIRoutes.
+func TestMSIThroughIRQFD(t *testing.T) {
+	elf := guestELF(t)
+	m, err := New(Config{Kernel: elf, Cmdline: "spin", MemSize: 64 << 20, CPUs: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	const vector = 0x31
+	irr := func() bool {
+		l, err := m.VM().VCPUs()[0].LAPIC()
+		if err != nil {
+			t.Fatal(err)
+		}
+		off := 0x200 + (vector/32)*0x10
+		return l.Regs[off+(vector%32)/8]&(1<<(vector%8)) != 0
+	}
+	if irr() {
+		t.Fatal("vector pending before any MSI")
+	}
+	if err := m.msi.SignalMSI(0xfee00000, vector); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for !irr() {
+		if time.Now().After(deadline) {
+			t.Fatal("the MSI never reached the LAPIC")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	m.msi.SignalMSI(0xfee00000, vector)
+	if n := len(m.msi.routes); n != 1 {
+		t.Fatalf("%d routes after two signals of one message", n)
+	}
+	for i := 0; i < maxMSIRoutes+10; i++ {
+		if err := m.msi.SignalMSI(0xfee00000, uint32(0x40+i%0xb0)|uint32(i/0xb0)<<16); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(m.msi.routes); n != maxMSIRoutes {
+		t.Fatalf("%d routes, want the cap %d", n, maxMSIRoutes)
+	}
+}

@@ -72,6 +72,7 @@ func (d *virtioDev) moveDoorbells(vm *kvm.VM, addr uint64) error {
 
 // addPCI puts the PCI host bridge on ports 0xcf8-0xcff.
 func (m *Machine) addPCI() error {
+	m.msi = newMSIRouter(m.vm)
 	m.pci = pci.NewBus(&barMapper{m: m, mmio: pci.MMIOMapper{Bus: &m.mmio}}, pci.Window{Base: pciWindowBase, Size: pciWindowSize})
 	return m.pio.Insert("pci", pci.ConfigIOBase, pci.ConfigIOSize, m.pci)
 }
@@ -95,9 +96,9 @@ func (m *Machine) addDisk(arg string) error {
 }
 
 // addVirtio attaches a virtio device through a virtio-pci transport, with
-// MSI-X delivered by KVM_SIGNAL_MSI and ioeventfd doorbells.
+// MSI-X delivered through GSI routes and irqfds and ioeventfd doorbells.
 func (m *Machine) addVirtio(name string, dev virtio.Device, closer func() error) error {
-	t, err := virtio.NewPCI(name, dev, m.mem, m.vm)
+	t, err := virtio.NewPCI(name, dev, m.mem, m.msi)
 	if err != nil {
 		return err
 	}
