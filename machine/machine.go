@@ -127,6 +127,7 @@ type Machine struct {
 	virtio  []*virtioDev
 	pvpanic *pvpanic.Device
 	msi     *msiRouter
+	pciIRQs []boot.PCIInterrupt // INTx wiring of the PCI functions, for the MP table
 
 	exitOnce sync.Once
 	exit     Exit
@@ -171,7 +172,7 @@ func New(cfg Config) (*Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	entry, err := boot.Load(m.mem, kernel, kst.Size(), boot.Config{Cmdline: cfg.Cmdline, Initrd: initrd, CPUs: cfg.CPUs})
+	entry, err := boot.Load(m.mem, kernel, kst.Size(), boot.Config{Cmdline: cfg.Cmdline, Initrd: initrd, CPUs: cfg.CPUs, PCIInterrupts: m.pciIRQs})
 	if err != nil {
 		m.Close()
 		return nil, &configError{err}

@@ -10,6 +10,7 @@ import (
 	"collective/devices/virtio"
 	"collective/devices/virtioblk"
 	"collective/kvm"
+	"collective/kvm/boot"
 )
 
 // The PCI MMIO window: from the start of the hole up to the IOAPIC.
@@ -70,6 +71,26 @@ func (d *virtioDev) moveDoorbells(vm *kvm.VM, addr uint64) error {
 	return errors.Join(errs...)
 }
 
+// addFunction puts a PCI function on the bus with its INTA# wired to an
+// IOAPIC pin (16-23 by slot, level-triggered as PCI interrupts are) and
+// recorded for the MP table: the fallback for a guest without MSI-X.
+func (m *Machine) addFunction(c *pci.Config) error {
+	slot := len(m.pciIRQs) + 1 // slot 0 is the host bridge; slots fill in order
+	gsi := uint8(16 + (slot-1)%8)
+	if err := c.SetINTx(gsi, m.vm.IRQLine(uint32(gsi))); err != nil {
+		return err
+	}
+	got, err := m.pci.Add(c)
+	if err != nil {
+		return err
+	}
+	if got != slot {
+		return fmt.Errorf("machine: %s: PCI slot %d, expected %d", c.Name(), got, slot)
+	}
+	m.pciIRQs = append(m.pciIRQs, boot.PCIInterrupt{Device: uint8(slot), Pin: 0, IOAPICPin: gsi})
+	return nil
+}
+
 // addPCI puts the PCI host bridge on ports 0xcf8-0xcff.
 func (m *Machine) addPCI() error {
 	m.msi = newMSIRouter(m.vm)
@@ -120,7 +141,7 @@ func (m *Machine) addVirtio(name string, dev virtio.Device, closer func() error)
 		}()
 	}
 	m.virtio = append(m.virtio, d)
-	if _, err := m.pci.Add(t.PCI()); err != nil {
+	if err := m.addFunction(t.PCI()); err != nil {
 		return fmt.Errorf("machine: %s: %w", name, err)
 	}
 	return nil
@@ -172,6 +193,5 @@ func (m *Machine) addPVPanic() error {
 		return err
 	}
 	m.pvpanic = d
-	_, err = m.pci.Add(d.PCI())
-	return err
+	return m.addFunction(d.PCI())
 }

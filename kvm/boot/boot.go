@@ -43,6 +43,9 @@ type Config struct {
 	Cmdline string // kernel command line, without the NUL
 	Initrd  []byte // initial ramdisk, or nil; copied into guest RAM
 	CPUs    int    // processors in the MP table; 0 means 1
+
+	// PCIInterrupts lists the PCI functions' INTx wiring for the MP table.
+	PCIInterrupts []PCIInterrupt
 }
 
 // headSize is how much of the kernel file is read to recognise it: the
@@ -107,7 +110,7 @@ func writeCommon(mem *guestmem.Memory, cfg Config) error {
 	if _, err := mem.WriteAt(line, CmdlineAddr); err != nil {
 		return fmt.Errorf("boot: writing command line: %w", err)
 	}
-	if err := writeMPTable(mem, cfg.cpus()); err != nil {
+	if err := writeMPTable(mem, cfg.cpus(), cfg.PCIInterrupts); err != nil {
 		return err
 	}
 	return writeGDT(mem)

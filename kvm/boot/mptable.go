@@ -38,19 +38,39 @@ const (
 	mpIntNMI    = 1
 	mpIntExtINT = 3
 	isaBusID    = 0
+	pciBusID    = 0
+	ioapicPins  = 24
+	mpPCIFlags  = 0x0f // polarity active low (11), trigger level (11 << 2)
 	isaIRQs     = 16
 	allLAPICs   = 0xFF
 )
 
-// mpTableSize is the length of the configuration table for n CPUs.
-func mpTableSize(n int) int {
-	// processors, one bus, one I/O APIC, ISA IRQs but IRQ2, LINT0 and LINT1.
-	return mpHeaderSize + n*mpProcSize + mpEntrySize + mpEntrySize + isaIRQs*mpEntrySize + 2*mpEntrySize
+// PCIInterrupt wires one PCI function's INTx pin to an I/O APIC pin in the
+// MP table (MP spec 1.4 D.3): Linux without ACPI finds a PCI device's
+// interrupt there when it cannot use MSI or MSI-X.
+type PCIInterrupt struct {
+	Device    uint8 // PCI device number on bus 0 (0-31)
+	Pin       uint8 // INTx pin: 0 = INTA# ... 3 = INTD#
+	IOAPICPin uint8 // I/O APIC input (GSI); PCI interrupts are level-triggered, active low
 }
 
-// buildMPTable returns the MP configuration table for n CPUs (1..MaxCPUs).
-func buildMPTable(n int) []byte {
-	t := make([]byte, mpTableSize(n))
+// mpTableSize is the length of the configuration table for n CPUs and p
+// PCI interrupts.
+func mpTableSize(n, p int) int {
+	// processors, one bus, one I/O APIC, ISA IRQs, LINT0 and LINT1; with
+	// PCI interrupts, the PCI bus and one entry each.
+	size := mpHeaderSize + n*mpProcSize + mpEntrySize + mpEntrySize + isaIRQs*mpEntrySize + 2*mpEntrySize
+	if p > 0 {
+		size += mpEntrySize + p*mpEntrySize
+	}
+	return size
+}
+
+// buildMPTable returns the MP configuration table for n CPUs (1..MaxCPUs)
+// and the given PCI interrupts. With PCI interrupts, bus 0 is PCI (the MP
+// bus ID must equal the PCI bus number) and the ISA bus is bus 1.
+func buildMPTable(n int, pciIRQs []PCIInterrupt) []byte {
+	t := make([]byte, mpTableSize(n, len(pciIRQs)))
 	copy(t[0:], "PCMP")
 	le.PutUint16(t[4:], uint16(len(t)))
 	t[6] = mpSpecRev
@@ -77,18 +97,27 @@ func buildMPTable(n int) []byte {
 		copy(e[:mpEntrySize], b)
 		e, count = e[mpEntrySize:], count+1
 	}
-	put(mpEntryBus, isaBusID, 'I', 'S', 'A', ' ', ' ', ' ')
+	isa := byte(isaBusID)
+	if len(pciIRQs) > 0 {
+		isa = pciBusID + 1
+		put(mpEntryBus, pciBusID, 'P', 'C', 'I', ' ', ' ', ' ')
+	}
+	put(mpEntryBus, isa, 'I', 'S', 'A', ' ', ' ', ' ')
 	put(mpEntryIOAPIC, ioapicID, ioapicVersion, mpIOAPICOn, 0, 0, 0, 0)
-	le.PutUint32(t[mpHeaderSize+n*mpProcSize+mpEntrySize+4:], IOAPICAddr)
+	le.PutUint32(t[len(t)-len(e)-mpEntrySize+4:], IOAPICAddr)
 	// ISA IRQs to I/O APIC pins with the bus's default polarity and
 	// trigger (flags 0), each to the pin of the same number: this is how
 	// KVM's default GSI routing wires its in-kernel PIT (GSI 0) and ISA
 	// devices to the IOAPIC.
 	for irq := byte(0); irq < isaIRQs; irq++ {
-		put(mpEntryIOIntr, mpIntINT, 0, 0, isaBusID, irq, ioapicID, irq)
+		put(mpEntryIOIntr, mpIntINT, 0, 0, isa, irq, ioapicID, irq)
 	}
-	put(mpEntryLocIntr, mpIntExtINT, 0, 0, isaBusID, 0, allLAPICs, 0)
-	put(mpEntryLocIntr, mpIntNMI, 0, 0, isaBusID, 0, allLAPICs, 1)
+	for _, p := range pciIRQs {
+		// Source bus IRQ: device number in bits 6:2, pin in 1:0.
+		put(mpEntryIOIntr, mpIntINT, mpPCIFlags, 0, pciBusID, p.Device<<2|p.Pin&3, ioapicID, p.IOAPICPin)
+	}
+	put(mpEntryLocIntr, mpIntExtINT, 0, 0, isa, 0, allLAPICs, 0)
+	put(mpEntryLocIntr, mpIntNMI, 0, 0, isa, 0, allLAPICs, 1)
 	le.PutUint16(t[34:], uint16(count))
 	t[7] = checksum(t)
 	return t
@@ -120,11 +149,16 @@ func checksum(b []byte) byte {
 // writeMPTable writes the MP floating pointer at MPFloatAddr and the
 // configuration table for n CPUs right after it when it fits below
 // 0xA0000, else at MPBIOSTableAddr. Both areas are reserved in the e820 map.
-func writeMPTable(mem *guestmem.Memory, n int) error {
+func writeMPTable(mem *guestmem.Memory, n int, pciIRQs []PCIInterrupt) error {
 	if n < 1 || n > MaxCPUs {
 		return fmt.Errorf("boot: MP table for %d CPUs, want 1..%d: %w", n, MaxCPUs, ErrTooManyCPUs)
 	}
-	t := buildMPTable(n)
+	for _, p := range pciIRQs {
+		if p.Device > 31 || p.Pin > 3 || p.IOAPICPin >= ioapicPins {
+			return fmt.Errorf("boot: MP table: PCI interrupt %+v out of range", p)
+		}
+	}
+	t := buildMPTable(n, pciIRQs)
 	addr := uint64(mpEBDATableAddr)
 	if len(t) > mpEBDATableMax {
 		addr = MPBIOSTableAddr
