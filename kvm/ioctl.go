@@ -65,21 +65,36 @@ var (
 	kvmGetTSCKHz           = io(0xa3)
 )
 
+// ioctl issues a KVM ioctl other than KVM_RUN, retrying when a signal
+// interrupts it: the Go runtime preempts long-running threads with SIGURG,
+// and KVM returns EINTR (before doing anything) from calls that can wait,
+// such as KVM_CREATE_VM (seen in CI).
 func ioctl(fd int, req, arg uintptr) (uintptr, error) {
-	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, arg)
-	if errno != 0 {
+	for {
+		r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, arg)
+		switch errno {
+		case 0:
+			return r, nil
+		case unix.EINTR:
+			continue
+		}
 		return r, errno
 	}
-	return r, nil
 }
 
 // ioctlPtr is ioctl with a pointer argument; p must point to memory the Go
 // garbage collector will not move while the call runs (any Go pointer
 // passed directly as a syscall argument is kept alive and pinned).
+// It retries on EINTR as ioctl does.
 func ioctlPtr(fd int, req uintptr, p unsafe.Pointer) error {
-	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(p))
-	if errno != 0 {
+	for {
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(p))
+		switch errno {
+		case 0:
+			return nil
+		case unix.EINTR:
+			continue
+		}
 		return errno
 	}
-	return nil
 }
