@@ -46,8 +46,7 @@ run-guest: build
 	$(BIN) run --kernel $(GUEST) --append "$(or $(APPEND),hello)" --mem 128M $(ARGS)
 
 test: deps build
-	$(GO) vet ./...
-	$(GO) test -count=1 -timeout 30m ./...
+	GO=$(GO) scripts/test.sh
 	$(MAKE) fuzz FUZZTIME=$(FUZZTIME)
 
 test-short:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The README's test command (make test) minus fuzzing: go vet, then every
+# package's tests. The nested-world packages (real Linux under QEMU TCG with
+# emulated SVM) run last, and a test of theirs that fails is run once more:
+# QEMU's nested SVM sometimes hangs L1 or an L2 for good (DESIGN.md: once in
+# 37 runs; seen here about once in 10-20 L2 boots), and one L1 serves about
+# a dozen L2 boots. A test that fails twice fails the run. Every retry is
+# printed with the first failure's output.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+go=${GO:-go}
+nested='collective/(e2e|nested)$'
+
+$go vet ./... || exit 1
+$go test -count=1 -timeout 40m $($go list ./... | grep -Ev "$nested") || exit 1
+
+status=0
+for pkg in $($go list ./... | grep -E "$nested"); do
+	log=$(mktemp)
+	if $go test -count=1 -timeout 30m -v "$pkg" >"$log" 2>&1; then
+		grep -E '^(--- |ok|PASS|FAIL)' "$log"
+		rm -f "$log"
+		continue
+	fi
+	cat "$log"
+	failed=$(grep -E '^--- FAIL: Test' "$log" | awk '{print $3}' | sort -u | paste -sd'|')
+	rm -f "$log"
+	if [ -z "$failed" ]; then
+		status=1 # it did not build, or failed outside a test
+		continue
+	fi
+	echo "== $pkg: running $failed once more (nested-virtualisation hangs are retried once)"
+	$go test -count=1 -timeout 30m -v -run "^($failed)\$" "$pkg" || status=1
+done
+exit $status
