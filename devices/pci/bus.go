@@ -157,6 +157,14 @@ func (b *Bus) Write(off uint64, p []byte) {
 	case off >= 4 && off < 8 && off-4+uint64(len(p)) <= 4:
 		if c, reg := b.target(); c != nil {
 			c.Write(reg+off-4, p)
+			// A BAR that moved or stopped decoding may have freed the
+			// range another function's BAR was refused: as hardware
+			// would, that BAR decodes again at once.
+			for i := range b.slots {
+				if o := b.slots[i].Load(); o != nil && o != c {
+					o.retryUnmapped()
+				}
+			}
 		}
 	}
 }

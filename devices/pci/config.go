@@ -390,6 +390,18 @@ func (c *Config) decodedBARs(want *[NumBARs]uint64) {
 // first it unmaps every BAR that moves, then it maps them at their new
 // addresses, so BARs may trade places in one write.
 // +checklocks:c.wmu
+// retryUnmapped maps again the BARs that are decoded but were left unmapped
+// because another window was in the way, once that window may have moved.
+func (c *Config) retryUnmapped() {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.mu.Lock()
+	var want [NumBARs]uint64
+	c.decodedBARs(&want)
+	c.mu.Unlock()
+	c.remap(&want)
+}
+
 func (c *Config) remap(want *[NumBARs]uint64) {
 	if c.mapper == nil {
 		return
