@@ -75,7 +75,14 @@ type proc struct {
 
 func start(t *testing.T, args ...string) *proc {
 	t.Helper()
-	p := &proc{cmd: exec.Command(collectiveBin(t), args...), out: &syncBuf{}, done: make(chan struct{})}
+	return startCmd(t, collectiveBin(t), args...)
+}
+
+// startCmd starts a program (a collective process behind a wrapper such
+// as ip netns exec) as a proc.
+func startCmd(t *testing.T, name string, args ...string) *proc {
+	t.Helper()
+	p := &proc{cmd: exec.Command(name, args...), out: &syncBuf{}, done: make(chan struct{})}
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)

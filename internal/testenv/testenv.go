@@ -7,6 +7,7 @@ package testenv
 import (
 	"os"
 	"os/exec"
+	"strconv"
 	"testing"
 )
 
@@ -46,4 +47,23 @@ func RequireCommand(t testing.TB, name string) string {
 		missing(t, "%s is not installed", name)
 	}
 	return p
+}
+
+// RequireNetNS skips t (fails it under CI=true) unless network namespaces
+// can be made: root, the ip command (iproute2), and a probe namespace
+// that can be added and deleted. It returns the path of ip.
+func RequireNetNS(t testing.TB) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		missing(t, "network namespaces need root (euid %d)", os.Geteuid())
+		return ""
+	}
+	ip := RequireCommand(t, "ip")
+	probe := "clvprobe" + strconv.Itoa(os.Getpid())
+	if out, err := exec.Command(ip, "netns", "add", probe).CombinedOutput(); err != nil {
+		missing(t, "ip netns add: %v: %s", err, out)
+		return ""
+	}
+	exec.Command(ip, "netns", "del", probe).Run()
+	return ip
 }
