@@ -133,7 +133,14 @@ func freeAddr(t *testing.T) string {
 // pair starts a source running the workload guest with cmdline, and a
 // target waiting on an address (behind a proxy when proxy is set: it is
 // given the target's address and returns its own).
-func startPair(t *testing.T, cmdline, mem string) (src, tgt *proc, sock, addr string) {
+func startPair(t *testing.T, cmdline, mem string, srcArgs ...string) (src, tgt *proc, sock, addr string) {
+	t.Helper()
+	return startPairTarget(t, cmdline, mem, nil, srcArgs...)
+}
+
+// startPairTarget is startPair with extra arguments for the target and
+// the source.
+func startPairTarget(t *testing.T, cmdline, mem string, tgtArgs []string, srcArgs ...string) (src, tgt *proc, sock, addr string) {
 	t.Helper()
 	testenv.RequireKVM(t)
 	testenv.RequireCommand(t, "gcc")
@@ -144,9 +151,9 @@ func startPair(t *testing.T, cmdline, mem string) (src, tgt *proc, sock, addr st
 	dir := t.TempDir()
 	sock = filepath.Join(dir, "src.sock")
 	addr = freeAddr(t)
-	tgt = start(t, "run", "--incoming", addr)
+	tgt = start(t, append([]string{"run", "--incoming", addr}, tgtArgs...)...)
 	tgt.waitFor(t, "waiting for a migration", 10*time.Second)
-	src = start(t, "run", "--kernel", elf, "--append", cmdline, "--mem", mem, "--api", sock)
+	src = start(t, append([]string{"run", "--kernel", elf, "--append", cmdline, "--mem", mem, "--api", sock}, srcArgs...)...)
 	if strings.HasPrefix(cmdline, "dirty") {
 		src.waitFor(t, "pass 1 verified", 20*time.Second)
 	} else {
