@@ -1,5 +1,6 @@
 // Package api is the control API of a running machine: HTTP/JSON on a
-// Unix socket (collective run --api PATH), and its client.
+// Unix socket (collective run --api PATH), and its client. It speaks
+// HTTP/1.1 itself (http.go), without net/http.
 //
 //	GET  /state     the machine's state
 //	POST /pause     pause the vCPUs              (409 when paused)
@@ -23,13 +24,11 @@
 package api
 
 import (
-	"context"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"strings"
 	"sync"
@@ -96,6 +95,8 @@ type Server struct {
 	stopped bool       // +checklocks:mu
 
 	mig migration // live migration (migrate.go); lock order: mu, then mig.mu
+
+	conns conns // open connections (http.go)
 }
 
 // NewServer returns a server for m, whose snapshots ss takes.
@@ -122,54 +123,64 @@ func fail(code int, format string, a ...any) error {
 	return &httpError{code, fmt.Sprintf(format, a...)}
 }
 
-// Handler returns the API's HTTP handler.
-func (s *Server) Handler() http.Handler {
-	mux := http.NewServeMux()
-	route := func(path, method string, f func(*http.Request) (any, error)) {
-		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
-			if r.Method != method {
-				w.Header().Set("Allow", method)
-				writeJSON(w, http.StatusMethodNotAllowed, Error{fmt.Sprintf("%s %s: use %s", r.Method, path, method)})
-				return
-			}
-			v, err := f(r)
-			if err != nil {
-				code := http.StatusInternalServerError
-				var he *httpError
-				if errors.As(err, &he) {
-					code = he.code
-				}
-				writeJSON(w, code, Error{err.Error()})
-				return
-			}
-			writeJSON(w, http.StatusOK, v)
-		})
+// handle answers one request.
+func (s *Server) handle(r *request) answer {
+	path, _, _ := strings.Cut(r.target, "?")
+	if !strings.HasPrefix(path, "/") {
+		return jsonAnswer(400, Error{fmt.Sprintf("request target %q: want a path such as /state", r.target)})
 	}
-	route("/state", http.MethodGet, func(*http.Request) (any, error) { return s.state(), nil })
-	route("/pause", http.MethodPost, s.pause)
-	route("/resume", http.MethodPost, s.resume)
-	route("/snapshot", http.MethodPost, s.snapshot)
-	mux.HandleFunc("/migrate", s.migrateHandler)
-	route("/migrate/status", http.MethodGet, s.migrateStatus)
-	route("/migrate/cancel", http.MethodPost, s.migrateCancel)
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusNotFound, Error{fmt.Sprintf("no endpoint %s (try GET /state, POST /pause, /resume, /snapshot, /migrate)", r.URL.Path)})
-	})
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !strings.HasPrefix(r.URL.Path, "/") {
-			// ServeMux answers a "*" (or any non-path) target itself with
-			// an empty 400; every error of the API is JSON.
-			writeJSON(w, http.StatusBadRequest, Error{fmt.Sprintf("request target %q: want a path such as /state", r.RequestURI)})
-			return
-		}
-		mux.ServeHTTP(w, r)
-	})
+	var (
+		method string
+		f      func(*request) (any, error)
+	)
+	switch path {
+	case "/state":
+		method, f = "GET", func(*request) (any, error) { return s.state(), nil }
+	case "/pause":
+		method, f = "POST", s.pause
+	case "/resume":
+		method, f = "POST", s.resume
+	case "/snapshot":
+		method, f = "POST", s.snapshot
+	case "/migrate":
+		return s.migrateHandler(r)
+	case "/migrate/status":
+		method, f = "GET", s.migrateStatus
+	case "/migrate/cancel":
+		method, f = "POST", s.migrateCancel
+	default:
+		return jsonAnswer(404, Error{fmt.Sprintf("no endpoint %s (try GET /state, POST /pause, /resume, /snapshot, /migrate)", path)})
+	}
+	if r.method != method {
+		a := jsonAnswer(405, Error{fmt.Sprintf("%s %s: use %s", r.method, path, method)})
+		a.allow = method
+		return a
+	}
+	v, err := f(r)
+	if err != nil {
+		return errorAnswer(err)
+	}
+	return jsonAnswer(200, v)
 }
 
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	json.NewEncoder(w).Encode(v)
+// errorAnswer answers with err: its code for an *httpError, else 500.
+func errorAnswer(err error) answer {
+	code := 500
+	var he *httpError
+	if errors.As(err, &he) {
+		code = he.code
+	}
+	return jsonAnswer(code, Error{err.Error()})
+}
+
+// jsonAnswer is an answer with v encoded as JSON.
+func jsonAnswer(code int, v any) answer {
+	b, err := json.Marshal(v)
+	if err != nil {
+		code = 500
+		b, _ = json.Marshal(Error{fmt.Sprintf("encoding the answer: %v", err)})
+	}
+	return answer{code: code, body: append(b, '\n')}
 }
 
 func (s *Server) state() State {
@@ -196,55 +207,46 @@ func (s *Server) stateLocked() State {
 }
 
 // readBody decodes a JSON body strictly; an empty body is allowed when
-// the request has no parameters (v == nil).
-func readBody(r *http.Request, v any) error {
-	body := http.MaxBytesReader(nil, r.Body, MaxBodyBytes)
-	data, err := io.ReadAll(body)
-	if err != nil {
-		var mb *http.MaxBytesError
-		if errors.As(err, &mb) {
-			return fail(http.StatusRequestEntityTooLarge, "request body larger than %d bytes", MaxBodyBytes)
-		}
-		return fail(http.StatusBadRequest, "reading the request body: %v", err)
-	}
+// the request has no parameters (v == nil). The wire has capped its size.
+func readBody(r *request, v any) error {
 	if v == nil {
-		if len(strings.TrimSpace(string(data))) > 0 && strings.TrimSpace(string(data)) != "{}" {
-			return fail(http.StatusBadRequest, "this request takes no body")
+		if b := bytes.TrimSpace(r.body); len(b) > 0 && string(b) != "{}" {
+			return fail(400, "this request takes no body")
 		}
 		return nil
 	}
-	dec := json.NewDecoder(strings.NewReader(string(data)))
+	dec := json.NewDecoder(bytes.NewReader(r.body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return fail(http.StatusBadRequest, "malformed JSON body: %v", err)
+		return fail(400, "malformed JSON body: %v", err)
 	}
 	if dec.More() {
-		return fail(http.StatusBadRequest, "malformed JSON body: data after the object")
+		return fail(400, "malformed JSON body: data after the object")
 	}
 	return nil
 }
 
-func (s *Server) pause(r *http.Request) (any, error) {
+func (s *Server) pause(r *request) (any, error) {
 	if err := readBody(r, nil); err != nil {
 		return nil, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if st := s.stateLocked(); st.State != StateRunning {
-		return nil, fail(http.StatusConflict, "the machine is %s", st.State)
+		return nil, fail(409, "the machine is %s", st.State)
 	}
 	s.m.Pause()
 	return s.stateLocked(), nil
 }
 
-func (s *Server) resume(r *http.Request) (any, error) {
+func (s *Server) resume(r *request) (any, error) {
 	if err := readBody(r, nil); err != nil {
 		return nil, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if st := s.stateLocked(); st.State != StatePaused {
-		return nil, fail(http.StatusConflict, "the machine is %s", st.State)
+		return nil, fail(409, "the machine is %s", st.State)
 	}
 	s.m.Resume()
 	return s.stateLocked(), nil
@@ -252,22 +254,22 @@ func (s *Server) resume(r *http.Request) (any, error) {
 
 // snapshot takes a snapshot; a running machine is paused for it and
 // resumed after.
-func (s *Server) snapshot(r *http.Request) (any, error) {
+func (s *Server) snapshot(r *request) (any, error) {
 	var req SnapshotRequest
 	if err := readBody(r, &req); err != nil {
 		return nil, err
 	}
 	if req.Path == "" {
-		return nil, fail(http.StatusBadRequest, `"path" is required`)
+		return nil, fail(400, `"path" is required`)
 	}
 	if req.Incremental && req.Raw {
-		return nil, fail(http.StatusBadRequest, "an incremental snapshot cannot be a raw image")
+		return nil, fail(400, "an incremental snapshot cannot be a raw image")
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.stateLocked()
 	if st.State == StateStopped || st.State == StateMigrating || st.State == StateMigrated {
-		return nil, fail(http.StatusConflict, "the machine is %s", st.State)
+		return nil, fail(409, "the machine is %s", st.State)
 	}
 	var pausedAt time.Time
 	if st.State == StateRunning {
@@ -278,7 +280,7 @@ func (s *Server) snapshot(r *http.Request) (any, error) {
 	stats, err := s.ss.Take(req.Path, snapshot.TakeOptions{Incremental: req.Incremental, Raw: req.Raw})
 	if err != nil {
 		if errors.Is(err, snapshot.ErrNoParent) {
-			return nil, fail(http.StatusConflict, "%v", err)
+			return nil, fail(409, "%v", err)
 		}
 		return nil, err
 	}
@@ -309,19 +311,4 @@ func Listen(path string) (net.Listener, error) {
 	}
 	os.Chmod(path, 0o600)
 	return l, nil
-}
-
-// Serve serves h on l until ctx is done, then closes l and removes the
-// socket file.
-func Serve(ctx context.Context, l net.Listener, h http.Handler) error {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-	go func() {
-		<-ctx.Done()
-		srv.Close()
-	}()
-	err := srv.Serve(l)
-	if errors.Is(err, http.ErrServerClosed) {
-		return nil
-	}
-	return err
 }

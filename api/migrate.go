@@ -3,7 +3,6 @@ package api
 import (
 	"context"
 	"errors"
-	"net/http"
 	"sync"
 	"time"
 
@@ -69,13 +68,13 @@ func (s *Server) cancelMigration() {
 	}
 }
 
-func (s *Server) migrateStatus(*http.Request) (any, error) {
+func (s *Server) migrateStatus(*request) (any, error) {
 	s.mig.mu.Lock()
 	defer s.mig.mu.Unlock()
 	return MigrateStatus{Active: s.mig.active, Progress: s.mig.progress, Report: s.mig.report}, nil
 }
 
-func (s *Server) migrateCancel(r *http.Request) (any, error) {
+func (s *Server) migrateCancel(r *request) (any, error) {
 	if err := readBody(r, nil); err != nil {
 		return nil, err
 	}
@@ -83,7 +82,7 @@ func (s *Server) migrateCancel(r *http.Request) (any, error) {
 	cancel := s.mig.cancel
 	s.mig.mu.Unlock()
 	if cancel == nil {
-		return nil, fail(http.StatusConflict, "no migration under way")
+		return nil, fail(409, "no migration under way")
 	}
 	cancel()
 	return s.migrateStatus(r)
@@ -91,57 +90,49 @@ func (s *Server) migrateCancel(r *http.Request) (any, error) {
 
 // migrateHandler runs a migration to its end and answers with the report.
 // On success the machine is stopped after the answer is written.
-func (s *Server) migrateHandler(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost {
-		w.Header().Set("Allow", http.MethodPost)
-		writeJSON(w, http.StatusMethodNotAllowed, Error{"use POST /migrate"})
-		return
+func (s *Server) migrateHandler(r *request) answer {
+	if r.method != "POST" {
+		a := jsonAnswer(405, Error{"use POST /migrate"})
+		a.allow = "POST"
+		return a
 	}
 	rep, err := s.migrate(r)
 	if err != nil {
-		code := http.StatusInternalServerError
-		var he *httpError
-		if errors.As(err, &he) {
-			code = he.code
-		}
-		writeJSON(w, code, Error{err.Error()})
-		return
+		return errorAnswer(err)
 	}
-	writeJSON(w, http.StatusOK, rep)
-	if f, ok := w.(http.Flusher); ok {
-		f.Flush()
-	}
+	a := jsonAnswer(200, rep)
 	if rep.OK {
-		s.m.Stop()
+		a.after = s.m.Stop
 	}
+	return a
 }
 
-func (s *Server) migrate(r *http.Request) (*migrate.Report, error) {
+func (s *Server) migrate(r *request) (*migrate.Report, error) {
 	var req MigrateRequest
 	if err := readBody(r, &req); err != nil {
 		return nil, err
 	}
 	if req.To == "" {
-		return nil, fail(http.StatusBadRequest, `"to" is required`)
+		return nil, fail(400, `"to" is required`)
 	}
 	if req.DowntimeMS < 0 || req.MaxRounds < 0 || req.BandwidthMBps < 0 {
-		return nil, fail(http.StatusBadRequest, "negative downtime, rounds or bandwidth")
+		return nil, fail(400, "negative downtime, rounds or bandwidth")
 	}
 	switch req.Compress {
 	case "", "auto", "always", "never":
 	default:
-		return nil, fail(http.StatusBadRequest, "compress %q: want auto, always or never", req.Compress)
+		return nil, fail(400, "compress %q: want auto, always or never", req.Compress)
 	}
 	s.mu.Lock()
 	if st := s.stateLocked(); st.State != StateRunning {
 		s.mu.Unlock()
-		return nil, fail(http.StatusConflict, "the machine is %s", st.State)
+		return nil, fail(409, "the machine is %s", st.State)
 	}
 	s.mig.mu.Lock()
 	if s.mig.active {
 		s.mig.mu.Unlock()
 		s.mu.Unlock()
-		return nil, fail(http.StatusConflict, "a migration is already under way")
+		return nil, fail(409, "a migration is already under way")
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.mig.active, s.mig.cancel, s.mig.done = true, cancel, make(chan struct{})
@@ -171,12 +162,12 @@ func (s *Server) migrate(r *http.Request) (*migrate.Report, error) {
 	cancel()
 	if err != nil {
 		if errors.Is(err, migrate.ErrCanceled) {
-			return nil, fail(http.StatusConflict, "%v (the machine runs on here)", err)
+			return nil, fail(409, "%v (the machine runs on here)", err)
 		}
 		if errors.Is(err, migrate.ErrInDoubt) {
 			return nil, err
 		}
-		return nil, fail(http.StatusBadGateway, "%v (the machine runs on here)", err)
+		return nil, fail(502, "%v (the machine runs on here)", err)
 	}
 	return rep, nil
 }

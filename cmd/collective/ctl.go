@@ -27,7 +27,7 @@ func startAPI(m *machine.Machine, ss *snapshot.Session, path string, log *slog.L
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		if err := api.Serve(ctx, l, srv.Handler()); err != nil {
+		if err := srv.Serve(ctx, l); err != nil {
 			log.Warn("control API stopped", "err", err)
 		}
 	}()
