@@ -251,11 +251,11 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	return l.w.Write(p)
 }
 
-// exitsMapRe matches collective run -v's last line: exits=map[IO:1196 MMIO:3].
-var exitsMapRe = regexp.MustCompile(`exits="?map\[([^\]]*)\]`)
-
+// parseExits reads collective run -v's last line: exits=map[IO:1196 MMIO:3].
+// (The expression is compiled here, not at package level: package
+// initialisation runs in every VMM process.)
 func parseExits(s string) map[string]uint64 {
-	m := exitsMapRe.FindStringSubmatch(s)
+	m := regexp.MustCompile(`exits="?map\[([^\]]*)\]`).FindStringSubmatch(s)
 	if m == nil {
 		return nil
 	}
