@@ -96,6 +96,8 @@ type Report struct {
 	PausedWorkMS float64 `json:"paused_work_ms"`
 	// TargetRestoreMS is the target's time from the end frame to ready.
 	TargetRestoreMS float64 `json:"target_restore_ms"`
+	// Stop breaks the downtime into its steps.
+	Stop *StopTimes `json:"stop,omitempty"`
 	// GuestGapMS is the gap the guest itself observed, from its heartbeat
 	// (TSC-stamped): the last update before the pause to the first after
 	// the resume, measured on the target; nil when the guest has no
@@ -122,3 +124,26 @@ type Report struct {
 }
 
 func ms(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e6 }
+
+// StopTimes are the steps of the stop-and-copy phase, in milliseconds:
+// on the source each from the moment it began to pause the vCPUs (its
+// clock), on the target the durations it measured and reported in its
+// info frame.
+type StopTimes struct {
+	Paused    float64 `json:"paused"`     // vCPUs out of KVM_RUN, devices quiesced
+	DirtyLog  float64 `json:"dirty_log"`  // both dirty logs taken
+	Pages     float64 `json:"pages"`      // last pages and disk blocks written
+	SaveState float64 `json:"save_state"` // vCPU, irqchip and device state read
+	Encode    float64 `json:"encode"`     // state encoded
+	Sent      float64 `json:"sent"`       // state and end flushed to the socket
+	Ready     float64 `json:"ready"`      // ready received
+	Committed float64 `json:"committed"`  // commit flushed
+	Resumed   float64 `json:"resumed"`    // resumed received
+
+	// The target's durations: end frame to state decoded and validated,
+	// disks synced, state restored; commit received to vCPUs started.
+	TargetDecode  float64 `json:"target_decode"`
+	TargetSync    float64 `json:"target_sync"`
+	TargetRestore float64 `json:"target_restore"`
+	TargetResume  float64 `json:"target_resume"`
+}

@@ -207,6 +207,8 @@ type sender struct {
 	taken [][]uint64
 
 	hashes map[[hashSize]byte]struct{}
+	// binaryState: the target asked for the state in the binary encoding.
+	binaryState bool
 
 	// disks are the source's disks (protocol 1.1); need the disks whose
 	// base the target asked for.
@@ -290,6 +292,9 @@ func (s *sender) run(ctx context.Context) error {
 
 	// Handshake.
 	h := hello{major: ProtoMajor, minor: ProtoMinor, memSize: s.mem.Size(), cpus: uint32(s.src.CPUs())}
+	if fp, ok := stateFingerprint(); ok {
+		h.flags, h.stateFP = helloStateFP, fp
+	}
 	for _, r := range s.regs {
 		h.regions = append(h.regions, region{r.GPA, r.Size()})
 	}
@@ -365,9 +370,13 @@ func (s *sender) run(ctx context.Context) error {
 	}
 
 	// Stop and copy.
+	pausedAt := time.Now()
+	stop := &StopTimes{}
+	s.rep.Stop = stop
+	since := func() float64 { return ms(time.Since(pausedAt)) }
 	s.src.Pause()
 	s.paused = true
-	pausedAt := time.Now()
+	stop.Paused = since()
 	s.progress("paused", s.rep.Rounds, 0, dirtyPages*pageSize)
 	if err := s.hook("paused"); err != nil {
 		return err
@@ -377,6 +386,7 @@ func (s *sender) run(ctx context.Context) error {
 		return err
 	}
 	orInto(cand, more)
+	stop.DirtyLog = since()
 	// The machine is paused and its virtio devices quiesced: no disk
 	// write is in flight, the blocks marked now are the last.
 	for i, m := range s.takeDiskDirty() {
@@ -389,18 +399,30 @@ func (s *sender) run(ctx context.Context) error {
 	st.Paused = true
 	s.rep.RoundStats = append(s.rep.RoundStats, st)
 	s.rep.Rounds++
+	stop.Pages = since()
 	ms0, err := s.src.SaveState()
 	if err != nil {
 		return err
 	}
-	sb, err := json.Marshal(ms0)
-	if err != nil {
-		return fmt.Errorf("migrate: encoding the machine state: %w", err)
+	stop.SaveState = since()
+	var enc []byte
+	if s.binaryState {
+		enc = encodeStateBinary([]byte{encBinary}, ms0)
+	} else {
+		sb, err := json.Marshal(ms0)
+		if err != nil {
+			return fmt.Errorf("migrate: encoding the machine state: %w", err)
+		}
+		if len(sb) > MaxStateSize {
+			return fmt.Errorf("migrate: machine state of %d bytes exceeds the limit of %d", len(sb), MaxStateSize)
+		}
+		enc = encodeState(sb)
 	}
-	if len(sb) > MaxStateSize {
-		return fmt.Errorf("migrate: machine state of %d bytes exceeds the limit of %d", len(sb), MaxStateSize)
+	if len(enc) > MaxStateSize {
+		return fmt.Errorf("migrate: machine state of %d bytes exceeds the limit of %d", len(enc), MaxStateSize)
 	}
-	if err := s.fw.send(frameState, encodeState(sb)); err != nil {
+	stop.Encode = since()
+	if err := s.fw.send(frameState, enc); err != nil {
 		return s.wireErr("sending the state", err)
 	}
 	if err := s.fw.send(frameEnd, nil); err != nil {
@@ -411,9 +433,11 @@ func (s *sender) run(ctx context.Context) error {
 	}
 	endAt := time.Now()
 	s.rep.PausedWorkMS = ms(endAt.Sub(pausedAt))
+	stop.Sent = s.rep.PausedWorkMS
 	if _, err := s.await(frameReady, "ready"); err != nil {
 		return err
 	}
+	stop.Ready = since()
 	s.rep.TargetRestoreMS = ms(time.Since(endAt))
 	if err := s.checkPeer(); err != nil {
 		return err
@@ -435,11 +459,13 @@ func (s *sender) run(ctx context.Context) error {
 	if err := s.fw.flush(); err != nil {
 		return fmt.Errorf("%w: %w", ErrInDoubt, s.wireErr("sending the commit", err))
 	}
+	stop.Committed = since()
 	f, err := s.await(frameResumed, "resumed")
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrInDoubt, err)
 	}
 	s.ackAt = time.Now()
+	stop.Resumed = since()
 	s.rep.OK = true
 	s.rep.DowntimeMS = ms(s.ackAt.Sub(pausedAt))
 	rtt := s.ackAt.Sub(commitAt)
@@ -462,6 +488,8 @@ func (s *sender) run(ctx context.Context) error {
 				s.rep.GuestGapMS = &g
 			}
 			s.rep.GuestMode = info.GuestMode
+			stop.TargetDecode, stop.TargetSync = ms(time.Duration(info.DecodeNS)), ms(time.Duration(info.SyncNS))
+			stop.TargetRestore, stop.TargetResume = ms(time.Duration(info.RestoreNS)), ms(time.Duration(info.ResumeNS))
 		}
 	}
 	s.progress("done", s.rep.Rounds, 0, 0)
@@ -472,6 +500,11 @@ func (s *sender) run(ctx context.Context) error {
 type targetInfo struct {
 	GuestGapNS int64  `json:"guest_gap_ns,omitempty"`
 	GuestMode  string `json:"guest_mode,omitempty"`
+	// The target's stop-phase steps (StopTimes).
+	DecodeNS  int64 `json:"decode_ns,omitempty"`
+	SyncNS    int64 `json:"sync_ns,omitempty"`
+	RestoreNS int64 `json:"restore_ns,omitempty"`
+	ResumeNS  int64 `json:"resume_ns,omitempty"`
 }
 
 func (s *sender) wireErr(what string, err error) error {
@@ -506,6 +539,12 @@ func (s *sender) readWelcome() error {
 		return &ProtocolError{f.off, fmt.Sprintf("welcome announces %d hashes", n)}
 	}
 	s.rep.HashesAnnounced = int(n)
+	if flags := binary.LittleEndian.Uint32(f.payload[4:]); flags&welcomeBinaryState != 0 {
+		if _, ok := stateFingerprint(); !ok || flags != welcomeBinaryState {
+			return &ProtocolError{f.off, fmt.Sprintf("welcome flags %#x", flags)}
+		}
+		s.binaryState = true
+	}
 	if rest := f.payload[16:]; len(rest) > 0 {
 		// Protocol 1.1: u32 count, u32 disk index each: the bases to send.
 		if len(rest) < 4 || uint64(len(rest)) != 4+4*uint64(binary.LittleEndian.Uint32(rest)) || binary.LittleEndian.Uint32(rest) > MaxDisks {
@@ -734,9 +773,13 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 				if werr == nil {
 					werr = s.checkPeer()
 				}
-				if !final && n%1024 == 0 {
+				if !final {
+					// Decide early: a round 0 of a large guest is
+					// thousands of chunks.
 					s.decideCompression(round)
-					s.sample()
+					if n%1024 == 0 {
+						s.sample()
+					}
 				}
 			}
 			if werr != nil {

@@ -131,7 +131,10 @@ type receiver struct {
 	mem     *guestmem.Memory
 	resumed bool
 	stats   ReceiveStats
-	plain   []byte
+	info    targetInfo // the stop-phase steps, for the info frame
+	// binaryState: the welcome asked for the binary state encoding.
+	binaryState bool
+	plain       []byte
 
 	disks     []DiskInfo
 	basePaths []string
@@ -182,6 +185,10 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 	w := make([]byte, 16)
 	binary.LittleEndian.PutUint16(w[0:], ProtoMajor)
 	binary.LittleEndian.PutUint16(w[2:], ProtoMinor)
+	if fp, ok := stateFingerprint(); ok && h.flags&helloStateFP != 0 && h.stateFP == fp {
+		binary.LittleEndian.PutUint32(w[4:], welcomeBinaryState)
+		r.binaryState = true
+	}
 	if h.minor >= 1 && len(need) > 0 {
 		w = binary.LittleEndian.AppendUint32(w, uint32(len(need)))
 		for _, i := range need {
@@ -271,18 +278,28 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 			if st != nil {
 				return nil, &ProtocolError{f.off, "a second state frame"}
 			}
-			sb, err := decodeState(f, r.plain)
-			if err != nil {
-				return nil, err
-			}
-			st = new(machine.MachineState)
-			dec := json.NewDecoder(bytes.NewReader(sb))
-			dec.DisallowUnknownFields()
-			if err := dec.Decode(st); err != nil {
-				return nil, &ProtocolError{f.off, fmt.Sprintf("state: %v", err)}
-			}
-			if dec.More() {
-				return nil, &ProtocolError{f.off, "state: data after the object"}
+			t0 := time.Now()
+			if len(f.payload) >= 1 && f.payload[0] == encBinary {
+				if !r.binaryState {
+					return nil, &ProtocolError{f.off, "state frame: binary encoding not asked for"}
+				}
+				if st, err = decodeStateBinary(f.payload[1:]); err != nil {
+					return nil, &ProtocolError{f.off, fmt.Sprintf("state: %v", err)}
+				}
+			} else {
+				sb, err := decodeState(f, r.plain)
+				if err != nil {
+					return nil, err
+				}
+				st = new(machine.MachineState)
+				dec := json.NewDecoder(bytes.NewReader(sb))
+				dec.DisallowUnknownFields()
+				if err := dec.Decode(st); err != nil {
+					return nil, &ProtocolError{f.off, fmt.Sprintf("state: %v", err)}
+				}
+				if dec.More() {
+					return nil, &ProtocolError{f.off, "state: data after the object"}
+				}
 			}
 			if err := st.Validate(); err != nil {
 				return nil, fmt.Errorf("migrate: the source's machine state: %w", err)
@@ -290,6 +307,7 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 			if st.MemSize != h.memSize || st.CPUs != int(h.cpus) {
 				return nil, &ProtocolError{f.off, fmt.Sprintf("state for %d bytes, %d vCPUs; hello said %d, %d", st.MemSize, st.CPUs, h.memSize, h.cpus)}
 			}
+			r.info.DecodeNS = int64(time.Since(t0))
 		case frameEnd:
 			if st == nil {
 				return nil, &ProtocolError{f.off, "end before the state"}
@@ -316,10 +334,13 @@ func (r *receiver) finish(ctx context.Context, st *machine.MachineState) (*Incom
 	if err := r.syncDisks(); err != nil {
 		return nil, err
 	}
+	t1 := time.Now()
+	r.info.SyncNS = int64(t1.Sub(t0))
 	if err := r.t.RestoreState(st); err != nil {
 		return nil, fmt.Errorf("migrate: restoring the machine state: %w", err)
 	}
 	r.stats.RestoreDur = time.Since(t0)
+	r.info.RestoreNS = int64(time.Since(t1))
 	if err := r.fw.send(frameReady, nil); err != nil {
 		return nil, fmt.Errorf("migrate: sending ready: %w", err)
 	}
@@ -342,7 +363,8 @@ func (r *receiver) finish(ctx context.Context, st *machine.MachineState) (*Incom
 	}
 	r.resumed = true
 	var b [8]byte
-	binary.LittleEndian.PutUint64(b[:], uint64(time.Since(c0)))
+	r.info.ResumeNS = int64(time.Since(c0))
+	binary.LittleEndian.PutUint64(b[:], uint64(r.info.ResumeNS))
 	// From here the machine runs here: a lost acknowledgement leaves the
 	// source in doubt (paused), never running too.
 	if r.dl != nil {
@@ -351,7 +373,7 @@ func (r *receiver) finish(ctx context.Context, st *machine.MachineState) (*Incom
 	r.fw.send(frameResumed, b[:])
 	r.fw.flush()
 	r.stats.Bytes = r.fr.off
-	var info targetInfo
+	info := r.info
 	if hbOK {
 		if gap, ok := heartbeatGap(r.mem, hb0, 2*time.Second); ok {
 			r.stats.GuestGap = gap

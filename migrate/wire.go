@@ -15,7 +15,17 @@ import (
 // target accepts the same major version with a minor no newer than its own.
 const (
 	ProtoMajor = 1
-	ProtoMinor = 1
+	ProtoMinor = 2
+)
+
+// Hello and welcome flags (protocol 1.2).
+const (
+	// helloStateFP: the hello ends with the fingerprint of the source's
+	// machine-state type (statecodec.go).
+	helloStateFP = 1 << 0
+	// welcomeBinaryState: the target has the same fingerprint and wants
+	// the state in the binary encoding.
+	welcomeBinaryState = 1 << 0
 )
 
 // Frame types.
@@ -82,6 +92,8 @@ var helloMagic = [8]byte{'C', 'L', 'V', 'M', 'I', 'G', 'R', '\n'}
 const (
 	encPlain = 0
 	encLZ4   = 1
+	// encBinary: a state frame in the binary encoding (statecodec.go).
+	encBinary = 2
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -230,6 +242,7 @@ type hello struct {
 	cpus         uint32
 	flags        uint32
 	regions      []region
+	stateFP      [hashSize]byte // with helloStateFP
 }
 
 type region struct{ gpa, size uint64 }
@@ -246,6 +259,9 @@ func (h *hello) marshal() []byte {
 	for _, r := range h.regions {
 		b = binary.LittleEndian.AppendUint64(b, r.gpa)
 		b = binary.LittleEndian.AppendUint64(b, r.size)
+	}
+	if h.flags&helloStateFP != 0 {
+		b = append(b, h.stateFP[:]...)
 	}
 	return b
 }
@@ -279,7 +295,14 @@ func parseHello(f frame) (*hello, error) {
 		return nil, bad("%d vCPUs", h.cpus)
 	}
 	n := binary.LittleEndian.Uint32(p[32:])
-	if n < 1 || n > MaxRegions || uint64(len(p)) != 36+uint64(n)*16 {
+	var extra uint64
+	switch {
+	case h.flags == helloStateFP && h.minor >= 2:
+		extra = hashSize
+	case h.flags != 0:
+		return nil, bad("flags %#x", h.flags)
+	}
+	if n < 1 || n > MaxRegions || uint64(len(p)) != 36+uint64(n)*16+extra {
 		return nil, bad("%d regions in %d bytes", n, len(p))
 	}
 	var total uint64
@@ -297,6 +320,9 @@ func parseHello(f frame) (*hello, error) {
 	}
 	if total != h.memSize {
 		return nil, bad("regions hold %d bytes, memory size %d", total, h.memSize)
+	}
+	if extra != 0 {
+		h.stateFP = [hashSize]byte(p[len(p)-hashSize:])
 	}
 	return h, nil
 }
