@@ -52,8 +52,10 @@ const (
 	MaxDiscardSectors = 1 << 21
 	// DefaultMaxInFlight bounds the requests taken from the ring at once.
 	DefaultMaxInFlight = 64
-	// DefaultWorkers is the size of the worker pool.
-	DefaultWorkers = 8
+	// DefaultWorkers bounds the worker pool, which grows on demand: one
+	// worker per request in flight, so that with O_DIRECT every request the
+	// guest queued is in the host's I/O queue at once.
+	DefaultWorkers = DefaultMaxInFlight
 
 	headerSize  = 16
 	segmentSize = 16
@@ -67,7 +69,7 @@ type Config struct {
 	Serial      string // at most SerialLen bytes
 	QueueSize   uint16 // 0: DefaultQueueSize
 	MaxInFlight int    // 0: DefaultMaxInFlight
-	Workers     int    // 0: DefaultWorkers
+	Workers     int    // bound on worker goroutines; 0: DefaultWorkers
 	Log         *slog.Logger
 }
 
@@ -79,6 +81,7 @@ type Metrics struct {
 	BadRequests                                           atomic.Uint64 // requests refused (bounds, length, read-only)
 	Unsupported                                           atomic.Uint64
 	Malformed                                             atomic.Uint64 // chains that could not carry a request
+	Submitted                                             atomic.Uint64 // reads and writes started through the backend's Submitter
 }
 
 // Block is a virtio block device. It implements virtio.Device and
@@ -91,6 +94,7 @@ type Block struct {
 	qsize    uint16
 	maxIn    int
 	workers  int
+	sub      Submitter // nil: every request goes to a worker
 	log      *slog.Logger
 	config   [configSize]byte // immutable
 
@@ -115,11 +119,19 @@ type runState struct {
 	resume   chan struct{}
 	done     chan struct{} // closed when the dispatcher returns
 	wg       sync.WaitGroup
+	nworkers int // started so far; the dispatcher's alone
 }
 
 type request struct {
 	chain *virtio.Chain
 	segs  [MaxSegments][segmentSize]byte
+
+	// Asynchronous requests (submit).
+	bufs       [][]byte
+	write      bool
+	n          uint64 // data bytes
+	statusAddr uint64
+	done       func(int64, error) // calls submitted
 }
 
 // New returns a block device on cfg.Backend.
@@ -139,6 +151,9 @@ func New(cfg Config) (*Block, error) {
 	}
 	if b.maxIn <= 0 {
 		b.maxIn = DefaultMaxInFlight
+	}
+	if a, ok := cfg.Backend.(interface{ Async() Submitter }); ok {
+		b.sub = a.Async()
 	}
 	if b.workers <= 0 {
 		b.workers = DefaultWorkers
@@ -223,11 +238,9 @@ func (b *Block) Activate(mem *guestmem.Memory, queues []*virtio.Queue, irq virti
 		done: make(chan struct{}),
 	}
 	for range b.maxIn {
-		r.free <- &request{chain: virtio.NewChain()}
-	}
-	for range b.workers {
-		r.wg.Add(1)
-		go b.worker(r)
+		req := &request{chain: virtio.NewChain()}
+		req.done = func(_ int64, err error) { b.submitted(r, req, err) }
+		r.free <- req
 	}
 	go b.dispatch(r)
 	b.run = r
@@ -354,9 +367,28 @@ func (b *Block) dispatch(r *runState) {
 			}
 			continue
 		}
-		r.work <- slot
+		b.hand(r, slot)
 		slot = nil
 	}
+}
+
+// hand gives req to an idle worker, starting a new one when none is idle
+// and the pool is below its bound.
+func (b *Block) hand(r *runState, req *request) {
+	if b.sub != nil && b.submit(r, req) {
+		return
+	}
+	select {
+	case r.work <- req:
+		return
+	default:
+	}
+	if r.nworkers < b.workers {
+		r.nworkers++
+		r.wg.Add(1)
+		go b.worker(r)
+	}
+	r.work <- req
 }
 
 func (b *Block) worker(r *runState) {

@@ -28,7 +28,9 @@
 // # Concurrency
 //
 // One dispatcher goroutine per activated device pops chains; a pool of
-// Workers goroutines serves them, with at most MaxInFlight requests taken
+// workers that grows on demand up to Workers goroutines serves them (a
+// blocking pread or pwrite each, so the host sees as many requests in
+// flight as the guest queued), with at most MaxInFlight requests taken
 // from the ring at once; completions are serialised by the queue's used
 // ring lock. Reset stops the dispatcher and waits for requests in flight.
 // Quiesce (used by virtio.Transport.Save) waits until none are in flight.

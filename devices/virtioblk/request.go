@@ -58,35 +58,127 @@ func (b *Block) read(r *runState, s span, p []byte) bool {
 	})
 }
 
-// handle serves one request and returns the number of bytes written into
-// the chain's device-writable buffers (the used length).
-func (b *Block) handle(r *runState, req *request) uint32 {
-	c := req.chain
+// parsed is a request's header and buffers.
+type parsed struct {
+	h          header
+	readable   span // after the header
+	writable   span // before the status byte
+	statusAddr uint64
+}
+
+// parse reads a request's header and locates its buffers. It reports false
+// for a malformed request.
+func (b *Block) parse(r *runState, c *virtio.Chain) (parsed, bool) {
 	w := c.Writable()
 	// A request needs a 16-byte header and a status byte that is the
 	// last byte of the device-writable part.
 	if c.ReadLen < headerSize || c.WriteLen < 1 || w[len(w)-1].Len == 0 {
-		b.Metrics.Malformed.Add(1)
-		return 0
+		return parsed{}, false
 	}
 	last := w[len(w)-1]
-	statusAddr := last.Addr + uint64(last.Len) - 1
-	readable := span{descs: c.Readable(), skip: headerSize, limit: c.ReadLen - headerSize}
-	writable := span{descs: w, limit: c.WriteLen - 1}
-
+	p := parsed{
+		statusAddr: last.Addr + uint64(last.Len) - 1,
+		readable:   span{descs: c.Readable(), skip: headerSize, limit: c.ReadLen - headerSize},
+		writable:   span{descs: w, limit: c.WriteLen - 1},
+	}
 	var raw [headerSize]byte
 	if !b.read(r, span{descs: c.Readable()}, raw[:]) {
+		return parsed{}, false
+	}
+	p.h = header{typ: binary.LittleEndian.Uint32(raw[0:]), sector: binary.LittleEndian.Uint64(raw[8:])}
+	return p, true
+}
+
+// handle serves one request and returns the number of bytes written into
+// the chain's device-writable buffers (the used length).
+func (b *Block) handle(r *runState, req *request) uint32 {
+	p, ok := b.parse(r, req.chain)
+	if !ok {
 		b.Metrics.Malformed.Add(1)
 		return 0
 	}
-	h := header{typ: binary.LittleEndian.Uint32(raw[0:]), sector: binary.LittleEndian.Uint64(raw[8:])}
+	status, written := b.serve(r, req, p.h, p.readable, p.writable)
+	return b.finish(r, p.statusAddr, status, written)
+}
 
-	status, written := b.serve(r, req, h, readable, writable)
+// finish writes a request's status byte and returns the used length.
+func (b *Block) finish(r *runState, statusAddr uint64, status uint8, written uint64) uint32 {
 	if _, err := r.mem.WriteAt([]byte{status}, statusAddr); err != nil {
 		b.Metrics.Malformed.Add(1)
 		return 0
 	}
 	return uint32(written + 1)
+}
+
+// submit starts a read or write through the backend's Submitter when its
+// buffers allow; it reports false when a worker should serve req instead
+// (other types, malformed or unaligned requests, no free slot).
+func (b *Block) submit(r *runState, req *request) bool {
+	p, ok := b.parse(r, req.chain)
+	if !ok {
+		return false
+	}
+	var s span
+	switch {
+	case p.h.typ == TypeIn:
+		s, req.write = p.writable, false
+	case p.h.typ == TypeOut && !b.ro:
+		s, req.write = p.readable, true
+	default:
+		return false
+	}
+	if s.limit == 0 || !b.inRange(p.h.sector, s.limit) {
+		return false
+	}
+	req.bufs = req.bufs[:0]
+	ok = s.each(func(addr, k uint64) bool {
+		if len(req.bufs) == aioMaxIovecs {
+			return false
+		}
+		var buf []byte
+		var err error
+		if req.write {
+			buf, err = r.mem.Slice(addr, k)
+		} else {
+			buf, err = r.mem.WriteSlice(addr, k)
+		}
+		req.bufs = append(req.bufs, buf)
+		return err == nil
+	})
+	if !ok {
+		return false
+	}
+	req.n, req.statusAddr = s.limit, p.statusAddr
+	r.wg.Add(1)
+	if !b.sub.Submit(req.write, req.bufs, int64(p.h.sector*SectorSize), req.done) {
+		r.wg.Done()
+		return false
+	}
+	b.Metrics.Submitted.Add(1)
+	if req.write {
+		b.Metrics.Writes.Add(1)
+	} else {
+		b.Metrics.Reads.Add(1)
+	}
+	return true
+}
+
+// submitted completes a request started by submit.
+func (b *Block) submitted(r *runState, req *request, err error) {
+	status, written := uint8(StatusOK), uint64(0)
+	switch {
+	case err != nil:
+		b.Metrics.IOErrors.Add(1)
+		status = StatusIOErr
+	case req.write:
+		b.Metrics.BytesWritten.Add(req.n)
+	default:
+		b.Metrics.BytesRead.Add(req.n)
+		written = req.n
+	}
+	b.complete(r, req.chain.Head, b.finish(r, req.statusAddr, status, written))
+	r.free <- req
+	r.wg.Done()
 }
 
 // inRange reports whether n bytes at sector lie within the capacity.

@@ -282,3 +282,38 @@ func IsZero(p []byte) bool {
 	}
 	return bytes.Equal(p, zeros[:len(p)])
 }
+
+// Async returns the wrapped backend's Submitter, if it has one, wrapped so
+// that a write's blocks are marked when it completes, as WriteAt marks
+// them.
+func (t *Tracker) Async() Submitter {
+	a, ok := t.be.(interface{ Async() Submitter })
+	if !ok {
+		return nil
+	}
+	s := a.Async()
+	if s == nil {
+		return nil
+	}
+	return trackedSubmitter{t: t, s: s}
+}
+
+type trackedSubmitter struct {
+	t *Tracker
+	s Submitter
+}
+
+// Submit implements Submitter.
+func (ts trackedSubmitter) Submit(write bool, iov [][]byte, off int64, done func(int64, error)) bool {
+	if !write {
+		return ts.s.Submit(false, iov, off, done)
+	}
+	var n int64
+	for _, p := range iov {
+		n += int64(len(p))
+	}
+	return ts.s.Submit(true, iov, off, func(moved int64, err error) {
+		ts.t.mark(off, n)
+		done(moved, err)
+	})
+}
