@@ -57,7 +57,8 @@ func badRequest(format string, a ...any) error {
 	return &wireError{400, fmt.Sprintf(format, a...)}
 }
 
-var errHeaderTooLarge = &wireError{431, fmt.Sprintf("request line and headers larger than %d bytes", maxHeaderBytes)}
+// errHeaderTooLarge is static: package initialisation runs in every VMM.
+var errHeaderTooLarge = &wireError{431, "request line and headers larger than 16 KiB"}
 
 // readHead reads a message's start line and header lines up to the empty
 // line, at most maxHeaderBytes in all. Header names are lower-cased; a
