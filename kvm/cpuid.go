@@ -23,7 +23,9 @@ const (
 
 // CPUID returns the CPUID table for vCPU apicID of a VM with ncpus vCPUs:
 // what KVM supports, with the APIC ID and topology filled in, the
-// hypervisor bit set and Collective's leaves added.
+// hypervisor bit set, the TSC-deadline timer offered when KVM emulates it
+// (KVM_GET_SUPPORTED_CPUID leaves that bit to us, api.rst) and Collective's
+// leaves added.
 func (s *System) CPUID(apicID, ncpus int, tscKHz uint32) ([]CPUIDEntry, error) {
 	sup, err := s.SupportedCPUID()
 	if err != nil {
@@ -32,6 +34,12 @@ func (s *System) CPUID(apicID, ncpus int, tscKHz uint32) ([]CPUIDEntry, error) {
 	if apicID > 255 || ncpus > 255 {
 		return nil, fmt.Errorf("kvm: CPUID: APIC ID %d or %d vCPUs beyond xAPIC", apicID, ncpus)
 	}
+	// With the TSC-deadline timer Linux programs the LAPIC timer by one
+	// MSR write per event and skips calibrating it against the PIT, which
+	// under a slow or loaded host fails ("APIC timer disabled due to
+	// verification failure") and leaves the guest on the PIT's periodic
+	// tick.
+	deadline := s.Has(CapTSCDeadline)
 	out := make([]CPUIDEntry, 0, len(sup)+2)
 	for _, e := range sup {
 		switch e.Function {
@@ -40,6 +48,9 @@ func (s *System) CPUID(apicID, ncpus int, tscKHz uint32) ([]CPUIDEntry, error) {
 			// CLFLUSH line size (8 x 8 bytes) in 15:8.
 			e.EBX = uint32(apicID)<<24 | uint32(ncpus)<<16 | 8<<8
 			e.ECX |= 1 << 31 // hypervisor present
+			if deadline {
+				e.ECX |= 1 << 24 // TSC-deadline
+			}
 			if ncpus > 1 {
 				e.EDX |= 1 << 28 // HTT: the count in EBX is valid
 			}

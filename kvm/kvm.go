@@ -46,6 +46,7 @@ const (
 	CapTSCControl     Cap = 60
 	CapGetTSCKHz      Cap = 61
 	CapMaxVCPUs       Cap = 66
+	CapTSCDeadline    Cap = 72
 	CapReadonlyMem    Cap = 81
 	CapX2APICAPI      Cap = 129
 	CapImmediateExit  Cap = 136

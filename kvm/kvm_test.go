@@ -65,6 +65,9 @@ func TestCPUIDLeaves(t *testing.T) {
 	if e := find(1); e.EBX>>24 != 1 || e.ECX&(1<<31) == 0 {
 		t.Errorf("leaf 1: APIC ID %d, hypervisor bit %v", e.EBX>>24, e.ECX>>31)
 	}
+	if e := find(1); s.Has(CapTSCDeadline) != (e.ECX&(1<<24) != 0) {
+		t.Errorf("leaf 1: TSC-deadline bit %v, KVM_CAP_TSC_DEADLINE_TIMER %v", e.ECX>>24&1, s.Has(CapTSCDeadline))
+	}
 	base := find(CPUIDLeafBase)
 	var sig [12]byte
 	binary.LittleEndian.PutUint32(sig[0:], base.EBX)
