@@ -340,12 +340,30 @@ static int mode_hello(void)
 	return 0;
 }
 
+/* spin [gaps]: with gaps, the TSC is calibrated and every pause of the
+ * loop longer than 500 us (the vCPU not running: a migration's downtime,
+ * or the host preempting it) is printed as "spin: gap N us", N measured
+ * by the guest itself. A migration target's first such line is the
+ * migration's downtime as the guest saw it, under any VMM. */
 static int mode_spin(void)
 {
+	int gaps = argc > 1 && streq(argv[1], "gaps");
+	if (gaps)
+		time_init();
 	HB->mode = 2;
 	puts_("spin: looping at CPL3\n");
+	u64 limit = gaps ? 500 * tsc_khz / 1000 : ~0ULL;
+	u64 last = rdtsc();
 	for (;;) {
 		heartbeat_update(0);
+		u64 now = HB->tsc;
+		if (now - last > limit) {
+			puts_("spin: gap ");
+			putu((now - last) * 1000 / tsc_khz);
+			puts_(" us\n");
+			now = rdtsc();
+		}
+		last = now;
 		for (int i = 0; i < 1000; i++)
 			cpu_relax();
 	}
