@@ -88,6 +88,8 @@ type Host struct {
 	ctlW   net.Conn // control input
 	exited chan struct{}
 	nonce  string
+	mon    string // QEMU's monitor socket
+	sysmap string // L1 kernel's text symbols (kallsyms format; may not exist yet)
 
 	mu   sync.Mutex // serialises jobs; guards seq and dead
 	seq  int
@@ -172,6 +174,9 @@ func Start(ctx context.Context, opts Options) (h *Host, err error) {
 		return nil, err
 	}
 	logf("L1 ready in %s (L1 uptime %s)", h.BootTime.Round(time.Millisecond), h.KernelUptime)
+	if err := h.saveKallsyms(ctx); err != nil {
+		logf("%v (a post-mortem will show addresses without names)", err)
+	}
 	return h, nil
 }
 
@@ -238,7 +243,7 @@ func writeInitrdFile(ctx context.Context, name string, l layout) error {
 }
 
 // qemuArgs returns the command line that boots L1.
-func qemuArgs(opts Options, initrd, logSock, conSock, ctlSock string) []string {
+func qemuArgs(opts Options, initrd, logSock, conSock, ctlSock, monSock string) []string {
 	mem, cpus := opts.MemoryMiB, opts.CPUs
 	if mem <= 0 {
 		mem = defaultMemMiB
@@ -251,10 +256,13 @@ func qemuArgs(opts Options, initrd, logSock, conSock, ctlSock string) []string {
 		// TCG runs rep stosb/movsb a byte at a time.
 		"-accel", "tcg,thread=multi", "-cpu", "max,-erms",
 		"-m", strconv.Itoa(mem), "-smp", strconv.Itoa(cpus),
-		"-display", "none", "-vga", "none", "-monitor", "none", "-nic", "none",
+		"-display", "none", "-vga", "none", "-nic", "none",
+		// The human monitor, for a post-mortem of an L1 that stopped
+		// answering (diagnose).
+		"-monitor", "unix:" + monSock + ",server=on,wait=off",
 		"-no-reboot", "-no-user-config", "-nodefaults",
 		"-kernel", opts.Kernel.BzImage, "-initrd", initrd,
-		"-append", "console=ttyS0 quiet panic=-1 tsc=reliable",
+		"-append", "console=ttyS0 quiet panic=-1 tsc=reliable " + l1NoKASLR,
 		"-chardev", "socket,id=log,path=" + logSock, "-serial", "chardev:log",
 		"-device", "virtio-serial-pci,id=vs",
 		"-chardev", "socket,id=con,path=" + conSock, "-device", "virtconsole,bus=vs.0,chardev=con,name=nested.con",
@@ -294,7 +302,9 @@ func boot(ctx context.Context, qemu, dir, initrd string, opts Options) (*Host, e
 		nonce:  hex.EncodeToString(nonce),
 	}
 	var stderr bytes.Buffer
-	h.cmd = exec.Command(qemu, qemuArgs(opts, initrd, socks[0], socks[1], socks[2])...)
+	h.mon = filepath.Join(dir, "mon.sock")
+	h.sysmap = filepath.Join(filepath.Dir(opts.Kernel.BzImage), kallsymsName)
+	h.cmd = exec.Command(qemu, qemuArgs(opts, initrd, socks[0], socks[1], socks[2], h.mon)...)
 	h.cmd.Stderr = &limitedBuffer{b: &stderr, max: 16 << 10}
 	// QEMU dies with the process that started it, even when that one is
 	// killed (a test binary past its -timeout).
@@ -490,8 +500,9 @@ func (h *Host) send(ctx context.Context, verb, script, mode string) (id string, 
 // Preconditions: h.mu is held.
 func (h *Host) kill(err error) error {
 	h.dead = fmt.Errorf("%w: %v", ErrClosed, err)
+	diag := h.diagnose()
 	go h.Close()
-	return fmt.Errorf("nested: %w\nL1 console (tail):\n%s", err, h.ConsoleTail())
+	return fmt.Errorf("nested: %w\nL1 console (tail):\n%s\nL1's vCPUs (QEMU monitor):\n%s", err, h.ConsoleTail(), diag)
 }
 
 // waitExit waits for script id's EXIT marker on the control channel and

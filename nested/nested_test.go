@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -177,5 +178,35 @@ func TestQEMUInL1(t *testing.T) {
 	// isa-debug-exit turns the appliance's 0 into QEMU's status 1.
 	if vmm != "1" || !strings.Contains(out, "6.1.0") {
 		t.Errorf("want uname -r's 6.1.0 and QEMU status 1 (debug-exit 0)")
+	}
+}
+
+// TestDiagnose reads L1's vCPUs through QEMU's monitor, as a Host does
+// when L1 stops answering: every vCPU's instruction pointer, named from
+// System.map (L1 boots without KASLR).
+func TestDiagnose(t *testing.T) {
+	h := Shared(t)
+	d := h.diagnose()
+	first, _, _ := strings.Cut(d, "\n")
+	if n := len(regexp.MustCompile(`[0-9a-f]{16}`).FindAllString(first, -1)); n < 2 || !strings.Contains(first, "+0x") {
+		t.Errorf("want two vCPUs' kernel addresses with symbols in the first sample, got:\n%s", d)
+	}
+	if !strings.Contains(d, "RIP=") {
+		t.Errorf("no register dump:\n%s", d)
+	}
+	t.Logf("%s", first)
+}
+
+func TestSymbolize(t *testing.T) {
+	syms := []symbol{{0xffffffff81000000, "_stext"}, {0xffffffff81000100, "native_safe_halt"}, {0xffffffff81000200, "next"}}
+	for _, tc := range []struct{ in, want string }{
+		{"ffffffff81000123", "ffffffff81000123(native_safe_halt+0x23)"},
+		{"ffffffff81000000", "ffffffff81000000(_stext+0x0)"},
+		{"0000000000001000", "0000000000001000"},
+		{"zz", "zz"},
+	} {
+		if got := symbolize(syms, tc.in); got != tc.want {
+			t.Errorf("symbolize(%s) = %s, want %s", tc.in, got, tc.want)
+		}
 	}
 }
