@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -280,5 +281,13 @@ func TestGolden(t *testing.T) {
 	}
 	if _, err := ImageOf([]*Snapshot{s}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestCRCZeroPage(t *testing.T) {
+	for _, c := range []uint32{0, 1, 0xffffffff, 0x12345678, crc([]byte("x"))} {
+		if got, want := crcZeroPage(c), crc32.Update(c, castagnoli, zeroPage); got != want {
+			t.Errorf("crcZeroPage(%#x) = %#x, want %#x", c, got, want)
+		}
 	}
 }

@@ -244,14 +244,45 @@ func (s *Snapshot) applyChunk(c *chunk, regs []*guestmem.Region, payload, plain 
 		if got := crc(p); got != c.crc {
 			return 0, formatErr(dataOff, "%s: payload checksum %#08x at GPA %#x, computed %#08x: the file is corrupt", name(s), c.crc, c.gpa, got)
 		}
-		if c.enc == encPlain {
+		// Contiguous pages are decoded straight into guest memory (a
+		// failure leaves them half written, but then the whole restore
+		// fails and nothing runs on that memory).
+		lo := bits.TrailingZeros64(c.data)
+		contiguous := c.data>>lo == uint64(1)<<n-1 || n == 64
+		var dst []byte
+		if contiguous {
+			start := c.regionOff + uint64(lo)*pageSize
+			dst = host[start : start+uint64(n)*pageSize]
+		}
+		switch {
+		case c.enc == encPlain && contiguous:
+			copy(dst, p)
+			src = dst
+		case c.enc == encPlain:
 			src = p
-		} else {
-			k, err := lz4.UncompressBlock(p, plain[:n*pageSize])
+		default:
+			if !contiguous {
+				dst = plain[:n*pageSize]
+			}
+			k, err := lz4.UncompressBlock(p, dst)
 			if err != nil || k != n*pageSize {
 				return 0, formatErr(dataOff, "%s: lz4 payload at GPA %#x decodes to %d bytes, want %d (%v)", name(s), c.gpa, k, n*pageSize, err)
 			}
-			src = plain[:k]
+			src = dst
+		}
+		if contiguous {
+			if verifyHashes {
+				for k := 0; k < n; k++ {
+					if err := s.checkHash(c, k, src[k*pageSize:(k+1)*pageSize]); err != nil {
+						return 0, err
+					}
+				}
+			}
+			for m := c.zero; m != 0; m &= m - 1 {
+				lo := c.regionOff + uint64(bits.TrailingZeros64(m))*pageSize
+				clear(host[lo : lo+pageSize])
+			}
+			return nread, nil
 		}
 	default:
 		return 0, formatErr(dataOff, "unknown encoding %d", c.enc)

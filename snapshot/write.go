@@ -66,9 +66,9 @@ type writeSpec struct {
 	disks      []diskOut
 }
 
-// batchChunks is how many chunks are processed in parallel before their
-// payloads are written in order.
-const batchChunks = 64
+// inFlight is how many encoded chunks each worker may have ahead of the
+// writer, which writes them in order while the workers encode the next.
+const inFlight = 8
 
 type work struct {
 	region int
@@ -156,66 +156,82 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 
 	var index bytes.Buffer
 	stats := &Stats{MemBytes: st.MemSize}
-	nw := runtime.GOMAXPROCS(0)
-	bufs := make([][]byte, batchChunks)
-	for i := range bufs {
-		bufs[i] = make([]byte, lz4.CompressBlockBound(chunkBytes)+chunkBytes)
+	// Workers encode chunks w, w+nw, w+2nw, ... (hash, zero check,
+	// compression) into a ring of buffers and hand them over in order on
+	// their channel; this goroutine writes them in file order meanwhile.
+	// A buffer is reused inFlight+2 chunks later, when the writer is done
+	// with it (it has taken a later chunk of the same worker).
+	nw := min(runtime.GOMAXPROCS(0), max(1, len(ws)))
+	outs := make([]chan result, nw)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range nw {
+		outs[w] = make(chan result, inFlight)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var c lz4.Compressor
+			var bufs [][]byte
+			if !sp.raw {
+				bufs = make([][]byte, inFlight+2)
+				for i := range bufs {
+					bufs[i] = make([]byte, lz4.CompressBlockBound(chunkBytes)+chunkBytes)
+				}
+			}
+			for k, i := 0, w; i < len(ws); k, i = k+1, i+nw {
+				var buf []byte
+				if bufs != nil {
+					buf = bufs[k%len(bufs)]
+				}
+				r := encodeChunk(regs[ws[i].region].Host, ws[i], sp.raw, sp.dirty != nil, buf, &c)
+				select {
+				case outs[w] <- r:
+				case <-stop:
+					return
+				}
+			}
+		}()
 	}
-	results := make([]result, batchChunks)
+	defer func() { close(stop); wg.Wait() }()
 	var dataPos uint64
 	var done uint64
-	for b := 0; b < len(ws); b += batchChunks {
-		batch := ws[b:min(b+batchChunks, len(ws))]
-		var wg sync.WaitGroup
-		for w := 0; w < nw; w++ {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				var c lz4.Compressor
-				for i := w; i < len(batch); i += nw {
-					results[i] = encodeChunk(regs[batch[i].region].Host, batch[i], sp.raw, sp.dirty != nil, bufs[i], &c)
-				}
-			}()
-		}
-		wg.Wait()
-		for i, wk := range batch {
-			r := &results[i]
-			done += uint64(bits.OnesCount64(wk.cand)) * pageSize
-			if r.c.data|r.c.zero == 0 && !sp.raw {
-				continue
-			}
-			if sp.raw {
-				r.c.off = lay.offsets[wk.region] + wk.off
-				host := regs[wk.region].Host
-				// Write runs of data pages at their place; zero pages
-				// stay holes.
-				for m := r.c.data; m != 0; {
-					i0 := bits.TrailingZeros64(m)
-					run := bits.TrailingZeros64(^(m >> i0))
-					lo := wk.off + uint64(i0)*pageSize
-					if _, err := f.WriteAt(host[lo:lo+uint64(run)*pageSize], int64(h.dataOff+r.c.off)+int64(i0)*pageSize); err != nil {
-						return nil, fmt.Errorf("snapshot: %w", err)
-					}
-					if i0+run >= 64 {
-						break
-					}
-					m &^= (uint64(1)<<run - 1) << i0
-				}
-			} else {
-				r.c.off = dataPos
-				if _, err := bw.Write(r.payload); err != nil {
-					return nil, fmt.Errorf("snapshot: %w", err)
-				}
-				dataPos += uint64(len(r.payload))
-			}
-			r.c.marshal(&index)
-			stats.Pages += bits.OnesCount64(r.c.data)
-			stats.ZeroPages += bits.OnesCount64(r.c.zero)
-			stats.Chunks++
-		}
-		if sp.progress != nil {
+	for i, wk := range ws {
+		r := <-outs[i%nw]
+		done += uint64(bits.OnesCount64(wk.cand)) * pageSize
+		if sp.progress != nil && (i%64 == 63 || i == len(ws)-1) {
 			sp.progress(done, total)
 		}
+		if r.c.data|r.c.zero == 0 && !sp.raw {
+			continue
+		}
+		if sp.raw {
+			r.c.off = lay.offsets[wk.region] + wk.off
+			host := regs[wk.region].Host
+			// Write runs of data pages at their place; zero pages
+			// stay holes.
+			for m := r.c.data; m != 0; {
+				i0 := bits.TrailingZeros64(m)
+				run := bits.TrailingZeros64(^(m >> i0))
+				lo := wk.off + uint64(i0)*pageSize
+				if _, err := f.WriteAt(host[lo:lo+uint64(run)*pageSize], int64(h.dataOff+r.c.off)+int64(i0)*pageSize); err != nil {
+					return nil, fmt.Errorf("snapshot: %w", err)
+				}
+				if i0+run >= 64 {
+					break
+				}
+				m &^= (uint64(1)<<run - 1) << i0
+			}
+		} else {
+			r.c.off = dataPos
+			if _, err := bw.Write(r.payload); err != nil {
+				return nil, fmt.Errorf("snapshot: %w", err)
+			}
+			dataPos += uint64(len(r.payload))
+		}
+		r.c.marshal(&index)
+		stats.Pages += bits.OnesCount64(r.c.data)
+		stats.ZeroPages += bits.OnesCount64(r.c.zero)
+		stats.Chunks++
 	}
 	if !sp.raw {
 		if err := bw.Flush(); err != nil {
@@ -279,13 +295,15 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 }
 
 // encodeChunk finds the chunk's non-zero candidate pages, hashes them, and
-// (unless raw) gathers and compresses them into buf.
+// (unless raw) compresses them into buf: straight from guest memory when
+// they are contiguous, else gathered first. The payload may be guest
+// memory itself (plain pages), which holds still while the machine is
+// paused.
 func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4.Compressor) result {
 	var r result
 	r.c.gpa = wk.gpa
-	plain := buf[:0]
 	crcAcc := uint32(0)
-	var hashes []byte
+	hashes := make([]byte, 0, bits.OnesCount64(wk.cand)*HashSize)
 	for m := wk.cand; m != 0; m &= m - 1 {
 		i := bits.TrailingZeros64(m)
 		lo := wk.off + uint64(i)*pageSize
@@ -295,7 +313,7 @@ func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4
 				r.c.zero |= 1 << i
 			}
 			if raw {
-				crcAcc = crc32.Update(crcAcc, castagnoli, zeroPage)
+				crcAcc = crcZeroPage(crcAcc)
 			}
 			continue
 		}
@@ -305,8 +323,6 @@ func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4
 		hashes = append(hashes, hsum[:]...)
 		if raw {
 			crcAcc = crc32.Update(crcAcc, castagnoli, page)
-		} else {
-			plain = append(plain, page...)
 		}
 	}
 	r.c.hashes = hashes
@@ -320,16 +336,58 @@ func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4
 	if r.c.data == 0 {
 		return r
 	}
-	dst := buf[len(plain):cap(buf)]
-	n, err := c.CompressBlock(plain, dst)
-	if err == nil && n > 0 && n < len(plain) {
-		r.c.enc, r.payload = encLZ4, dst[:n]
+	var plain []byte
+	lo := bits.TrailingZeros64(r.c.data)
+	n := bits.OnesCount64(r.c.data)
+	if r.c.data>>lo == uint64(1)<<n-1 || n == 64 {
+		start := wk.off + uint64(lo)*pageSize
+		plain = host[start : start+uint64(n)*pageSize]
+	} else {
+		plain = buf[:0]
+		for m := r.c.data; m != 0; m &= m - 1 {
+			off := wk.off + uint64(bits.TrailingZeros64(m))*pageSize
+			plain = append(plain, host[off:off+pageSize]...)
+		}
+	}
+	dst := buf[chunkBytes:]
+	k, err := c.CompressBlock(plain, dst)
+	if err == nil && k > 0 && k < len(plain) {
+		r.c.enc, r.payload = encLZ4, dst[:k]
 	} else {
 		r.c.enc, r.payload = encPlain, plain
 	}
 	r.c.length = uint32(len(r.payload))
 	r.c.crc = crc(r.payload)
 	return r
+}
+
+// zeroPageCRC[k][b] is the CRC-32C register's change from byte b in
+// position k after a page of zeros: the register's update over a zero
+// page is linear, so crcZeroPage costs four lookups, not a page.
+var zeroPageCRC = func() (t [4][256]uint32) {
+	var basis [32]uint32
+	for i := range basis {
+		basis[i] = ^crc32.Update(^(uint32(1) << i), castagnoli, zeroPage)
+	}
+	for k := range t {
+		for b := range 256 {
+			var v uint32
+			for j := range 8 {
+				if b&(1<<j) != 0 {
+					v ^= basis[8*k+j]
+				}
+			}
+			t[k][b] = v
+		}
+	}
+	return t
+}()
+
+// crcZeroPage returns crc32.Update(c, castagnoli, zeroPage).
+func crcZeroPage(c uint32) uint32 {
+	x := ^c
+	t := &zeroPageCRC
+	return ^(t[0][byte(x)] ^ t[1][byte(x>>8)] ^ t[2][byte(x>>16)] ^ t[3][byte(x>>24)])
 }
 
 // parentHint returns parent's path relative to child's directory when
