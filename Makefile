@@ -2,6 +2,7 @@
 
 GO        ?= go
 BIN       := bin/collective
+VMM       := bin/collective-vmm
 GUEST     := guest/build/guest.elf
 ARGS      ?=
 FUZZTIME  ?= 30s
@@ -17,8 +18,12 @@ help:
 
 build: $(BIN) guest
 
+# collective and, next to it, collective-vmm: the same command built with
+# only run and restore (-tags vmm), which collective run and restore exec
+# so that the process running a guest links nothing else.
 $(BIN): FORCE
 	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/collective
+	CGO_ENABLED=0 $(GO) build -tags vmm -o $(VMM) ./cmd/collective
 
 guest:
 	$(MAKE) -C guest

@@ -1,3 +1,5 @@
+//go:build !vmm
+
 package main
 
 // collective bench linux: the default appliance's boot time to its banner,

@@ -9,6 +9,13 @@
 // The exit status of run is the guest's debug-exit code (port 0xf4), 0 when
 // the guest powers off or resets, 1 when the VMM fails, 2 for bad flags or
 // a kernel file that cannot be booted.
+//
+// The package builds two binaries. collective (the default) has every
+// command. collective-vmm (go build -tags vmm) has only the commands that
+// run a guest, run and restore, and links nothing else: the process that
+// runs a guest keeps only its own code resident (bench memory). collective
+// run and restore exec the collective-vmm found next to collective
+// (internal/vmmexec), and run in-process when there is none.
 package main
 
 import (
@@ -16,47 +23,20 @@ import (
 	"os"
 )
 
-const usage = `collective: run virtual appliances on KVM
-
-Commands:
-  run      boot a kernel with its serial console (collective run -h)
-  bench    benchmarks against QEMU (collective bench -h)
-  nested   run a command in the nested test host, a Linux with /dev/kvm under QEMU TCG (collective nested -h)
-  ctl      control a running machine through its API (collective ctl -h)
-  restore  resume a machine from a snapshot (collective restore -h)
-  migrate  live-migrate a running machine to collective run --incoming (collective migrate -h)
-  snapshot merge OUT IN... | info FILE: snapshot files
-  image    build and list appliances (collective image build default, collective image ls)
-`
-
 func main() {
 	if len(os.Args) < 2 {
 		fmt.Fprint(os.Stderr, usage)
 		os.Exit(2)
 	}
-	var code int
 	switch os.Args[1] {
-	case "run":
-		code = runCmd(os.Args[2:])
-	case "bench":
-		code = benchCmd(os.Args[2:])
-	case "nested":
-		code = nestedCmd(os.Args[2:])
-	case "ctl":
-		code = ctlCmd(os.Args[2:])
-	case "restore":
-		code = restoreCmd(os.Args[2:])
-	case "migrate":
-		code = migrateCmd(os.Args[2:])
-	case "snapshot":
-		code = snapshotCmd(os.Args[2:])
-	case "image":
-		code = imageCmd(os.Args[2:])
 	case "-h", "--help", "help":
 		fmt.Print(usage)
-	default:
-		fmt.Fprintf(os.Stderr, "collective: unknown command %q\n%s", os.Args[1], usage)
-		code = 2
+		os.Exit(0)
 	}
-	os.Exit(code)
+	cmd := command(os.Args[1])
+	if cmd == nil {
+		fmt.Fprintf(os.Stderr, "%s: unknown command %q\n%s", progName, os.Args[1], usage)
+		os.Exit(2)
+	}
+	os.Exit(cmd(os.Args[2:]))
 }

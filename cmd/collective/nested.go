@@ -1,3 +1,5 @@
+//go:build !vmm
+
 package main
 
 import (
