@@ -31,15 +31,24 @@ func init() {
 // process ID carry over, so a signal or a wait meant for collective
 // reaches the VMM and its exit status is the command's. Exec returns only
 // when there is no collective-vmm there (go run, or a build of collective
-// alone) or it cannot be executed (said on stderr); the command then runs
-// in this process.
+// alone), it is older than collective (a stale build: collective-vmm runs
+// code that collective also holds) or it cannot be executed; the command
+// then runs in this process, with a line on stderr in the last two cases.
 func Exec() {
 	exe, err := os.Executable()
 	if err != nil {
 		return
 	}
-	dir := exe[:lastSlash(exe)+1]
-	vmm := dir + Name
+	vmm := exe[:lastSlash(exe)+1] + Name
+	vi, err := os.Stat(vmm)
+	if err != nil {
+		return
+	}
+	if ei, err := os.Stat(exe); err == nil && vi.ModTime().Before(ei.ModTime()) {
+		os.Stderr.WriteString("collective: running in this process: " + vmm + " is older than " + exe +
+			" (build both: make build)\n")
+		return
+	}
 	argv := append([]string{vmm}, os.Args[1:]...)
 	err = syscall.Exec(vmm, argv, os.Environ())
 	if err != syscall.ENOENT {
