@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"math/bits"
 	"net"
 	"runtime"
@@ -209,6 +210,8 @@ type sender struct {
 	hashes map[[hashSize]byte]struct{}
 	// binaryState: the target asked for the state in the binary encoding.
 	binaryState bool
+	// stateSaved: when the stop phase's state read ended.
+	stateSaved time.Time
 
 	// disks are the source's disks (protocol 1.1); need the disks whose
 	// base the target asked for.
@@ -246,8 +249,13 @@ func (s *sender) progress(phase string, round int, dirtyRate float64, dirtyBytes
 
 // stopOverhead is the fixed part of a stop phase, beyond the pages: state
 // save, restore on the target, the commit round trip (measured on this
-// machine at 1-3 ms; assumed, not measured per migration).
-const stopOverhead = 3 * time.Millisecond
+// machine at 1-1.5 ms with the binary state; assumed, not measured per
+// migration).
+const stopOverhead = 1500 * time.Microsecond
+
+// maxExtraRounds bounds the rounds run after the rest first fits the
+// downtime limit.
+const maxExtraRounds = 3
 
 func (s *sender) expectedDowntime(dirtyBytes int64) time.Duration {
 	r := s.rate
@@ -335,6 +343,8 @@ func (s *sender) run(ctx context.Context) error {
 	var cand [][]uint64  // nil: every page
 	var dcand [][]uint64 // disk blocks; nil: round 0
 	var dirtyPages int64
+	prevDirty := int64(math.MaxInt64) // bytes left after the previous round
+	extra := 0                        // rounds run within the limit
 	for round := 0; ; round++ {
 		phase := "round"
 		if round == 0 {
@@ -364,9 +374,19 @@ func (s *sender) run(ctx context.Context) error {
 		dirtyBytes := dirtyPages*pageSize + diskBytes(dcand)
 		dirtyRate := float64(dirtyBytes) / (st.MS / 1e3)
 		s.progress("round", round, dirtyRate, dirtyBytes)
-		if s.expectedDowntime(dirtyBytes) <= s.opts.Downtime || round+1 >= s.opts.MaxRounds {
+		if round+1 >= s.opts.MaxRounds {
 			break
 		}
+		// Within the limit, one more round pays while it at least halves
+		// the rest and the stop is well above its fixed part: the
+		// downtime falls by about what the round adds to the total.
+		if exp := s.expectedDowntime(dirtyBytes); exp <= s.opts.Downtime {
+			if exp <= 2*stopOverhead || dirtyBytes*2 > prevDirty || extra >= maxExtraRounds {
+				break
+			}
+			extra++
+		}
+		prevDirty = dirtyBytes
 	}
 
 	// Stop and copy.
@@ -377,6 +397,26 @@ func (s *sender) run(ctx context.Context) error {
 	s.src.Pause()
 	s.paused = true
 	stop.Paused = since()
+	// The state is read and encoded while the last pages go: it waits on
+	// the vCPU threads (each reads its own registers), the pages on the
+	// socket.
+	type encodedState struct {
+		b   []byte
+		err error
+	}
+	stateCh := make(chan encodedState, 1)
+	go func() {
+		var e encodedState
+		e.b, e.err = s.encodeMachineState()
+		stateCh <- e
+	}()
+	// On a failure the source resumes: not while its state is being read.
+	stateTaken := false
+	defer func() {
+		if !stateTaken {
+			<-stateCh
+		}
+	}()
 	s.progress("paused", s.rep.Rounds, 0, dirtyPages*pageSize)
 	if err := s.hook("paused"); err != nil {
 		return err
@@ -400,29 +440,13 @@ func (s *sender) run(ctx context.Context) error {
 	s.rep.RoundStats = append(s.rep.RoundStats, st)
 	s.rep.Rounds++
 	stop.Pages = since()
-	ms0, err := s.src.SaveState()
-	if err != nil {
-		return err
+	es := <-stateCh
+	stateTaken = true
+	if es.err != nil {
+		return es.err
 	}
-	stop.SaveState = since()
-	var enc []byte
-	if s.binaryState {
-		enc = encodeStateBinary([]byte{encBinary}, ms0)
-	} else {
-		sb, err := json.Marshal(ms0)
-		if err != nil {
-			return fmt.Errorf("migrate: encoding the machine state: %w", err)
-		}
-		if len(sb) > MaxStateSize {
-			return fmt.Errorf("migrate: machine state of %d bytes exceeds the limit of %d", len(sb), MaxStateSize)
-		}
-		enc = encodeState(sb)
-	}
-	if len(enc) > MaxStateSize {
-		return fmt.Errorf("migrate: machine state of %d bytes exceeds the limit of %d", len(enc), MaxStateSize)
-	}
-	stop.Encode = since()
-	if err := s.fw.send(frameState, enc); err != nil {
+	stop.SaveState, stop.Encode = ms(s.stateSaved.Sub(pausedAt)), since()
+	if err := s.fw.send(frameState, es.b); err != nil {
 		return s.wireErr("sending the state", err)
 	}
 	if err := s.fw.send(frameEnd, nil); err != nil {
@@ -494,6 +518,34 @@ func (s *sender) run(ctx context.Context) error {
 	}
 	s.progress("done", s.rep.Rounds, 0, 0)
 	return nil
+}
+
+// encodeMachineState reads the paused machine's state and encodes it for
+// the state frame (binary when the target asked for it, else JSON),
+// noting when the read ended in s.stateSaved.
+func (s *sender) encodeMachineState() ([]byte, error) {
+	ms0, err := s.src.SaveState()
+	s.stateSaved = time.Now()
+	if err != nil {
+		return nil, err
+	}
+	var enc []byte
+	if s.binaryState {
+		enc = encodeStateBinary([]byte{encBinary}, ms0)
+	} else {
+		sb, err := json.Marshal(ms0)
+		if err != nil {
+			return nil, fmt.Errorf("migrate: encoding the machine state: %w", err)
+		}
+		if len(sb) > MaxStateSize {
+			return nil, fmt.Errorf("migrate: machine state of %d bytes exceeds the limit of %d", len(sb), MaxStateSize)
+		}
+		enc = encodeState(sb)
+	}
+	if len(enc) > MaxStateSize {
+		return nil, fmt.Errorf("migrate: machine state of %d bytes exceeds the limit of %d", len(enc), MaxStateSize)
+	}
+	return enc, nil
 }
 
 // targetInfo is the JSON of an info frame.
@@ -904,8 +956,17 @@ func (s *sender) encodeChunk(w chunkWork, round0 bool, scratch []byte, c *lz4.Co
 	bp := bufPool.Get().(*[]byte)
 	buf := (*bp)[:0]
 	var zeroMask, dataMask, hashMask uint64
-	plain := scratch[:0]
 	var hashes []byte
+	useLZ4 := s.useLZ4.Load()
+	measure := !useLZ4 && s.opts.Compress == "auto" && seq%sampleEvery == 0
+	// Plain pages are copied once, from guest RAM straight into their
+	// frame, which goes first in buf; otherwise into scratch for lz4.
+	direct := !useLZ4 && !measure
+	plain := scratch[:0]
+	if direct {
+		buf = append(appendChunkHeader(beginFrame(buf, framePages), gpa, 0), encPlain)
+		plain = buf
+	}
 	for m := w.cand; m != 0; m &= m - 1 {
 		i := bits.TrailingZeros64(m)
 		lo := w.off + uint64(i)*pageSize
@@ -928,10 +989,20 @@ func (s *sender) encodeChunk(w chunkWork, round0 bool, scratch []byte, c *lz4.Co
 		}
 		dataMask |= 1 << i
 	}
+	if direct {
+		buf = buf[:0]
+		if dataMask != 0 {
+			binary.LittleEndian.PutUint64(plain[headerSize+8:], dataMask)
+			buf = finishFrame(plain)
+			e.full = int64(bits.OnesCount64(dataMask))
+			dataMask = 0 // sent
+		}
+	}
 	e.zero = int64(bits.OnesCount64(zeroMask))
 	if zeroMask != 0 && !round0 {
-		buf = beginFrame(buf, frameZero)
-		buf = finishFrame(appendChunkHeader(buf, gpa, zeroMask))
+		k := len(buf)
+		f := finishFrame(appendChunkHeader(beginFrame(buf[k:], frameZero), gpa, zeroMask))
+		buf = buf[:k+len(f)]
 	}
 	if hashMask != 0 {
 		k := len(buf)
@@ -946,8 +1017,6 @@ func (s *sender) encodeChunk(w chunkWork, round0 bool, scratch []byte, c *lz4.Co
 		k := len(buf)
 		f := beginFrame(buf[k:k], framePages)
 		f = appendChunkHeader(f, gpa, dataMask)
-		useLZ4 := s.useLZ4.Load()
-		measure := !useLZ4 && s.opts.Compress == "auto" && seq%sampleEvery == 0
 		enc := byte(encPlain)
 		if useLZ4 || measure {
 			f = append(f, encLZ4)

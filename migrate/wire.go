@@ -138,7 +138,10 @@ type frameReader struct {
 }
 
 func newFrameReader(r io.Reader) *frameReader {
-	return &frameReader{r: bufio.NewReaderSize(r, 1<<20), buf: make([]byte, headerSize+MaxPayload+trailSize)}
+	// A small buffer: the bulk of a large frame is then read straight
+	// into buf (bufio reads directly when the buffer is empty and the
+	// read is larger), not copied through it.
+	return &frameReader{r: bufio.NewReaderSize(r, 64<<10), buf: make([]byte, headerSize+MaxPayload+trailSize)}
 }
 
 // next reads one frame. io.EOF is returned only at a frame boundary; a
@@ -176,6 +179,7 @@ func (fr *frameReader) next() (frame, error) {
 // them to a bandwidth limit.
 type frameWriter struct {
 	w     *bufio.Writer
+	dst   io.Writer // under w
 	bytes int64
 	// limit is the bandwidth cap in bytes per second (0: none); paced
 	// against start.
@@ -188,8 +192,11 @@ type frameWriter struct {
 }
 
 func newFrameWriter(w io.Writer, limit float64) *frameWriter {
-	return &frameWriter{w: bufio.NewWriterSize(w, 1<<20), limit: limit, start: time.Now()}
+	return &frameWriter{w: bufio.NewWriterSize(w, 1<<20), dst: w, limit: limit, start: time.Now()}
 }
+
+// directWrite: frames this large skip the writer's buffer.
+const directWrite = 64 << 10
 
 // begin returns a buffer holding a frame header for type t, to which the
 // caller appends the payload and then calls finish.
@@ -210,7 +217,15 @@ func (fw *frameWriter) write(f []byte) error {
 	if fw.corrupt > 0 && fw.seq == fw.corrupt && len(f) > headerSize+trailSize {
 		f[headerSize] ^= 0x40
 	}
-	if _, err := fw.w.Write(f); err != nil {
+	if len(f) >= directWrite {
+		// A chunk's frames: past the buffer, without a copy.
+		if err := fw.w.Flush(); err != nil {
+			return err
+		}
+		if _, err := fw.dst.Write(f); err != nil {
+			return err
+		}
+	} else if _, err := fw.w.Write(f); err != nil {
 		return err
 	}
 	fw.bytes += int64(len(f))
