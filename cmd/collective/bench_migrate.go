@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -22,9 +23,13 @@ import (
 
 // benchMigrate migrates the workload guest between two processes over
 // loopback, ours and QEMU's side by side in one run: 256 MiB and 1 GiB,
-// idle (spin) and dirtying 64 MiB at 10 and 100 MB/s. It prints a table,
-// writes JSON, CSV and an SVG plot to $COLLECTIVE_BENCH_OUT (default
-// /tmp/collective-bench-migrate).
+// idle (spin) and dirtying 64 MiB at 10 and 100 MB/s, runs times each,
+// ours and QEMU's runs interleaved; every figure is the median of its
+// runs and every ratio the median of the runs' ratios (each ours/QEMU
+// pair ran back to back, so a noisy moment hits both). A second table
+// migrates a freshly booted appliance to a target that holds its base
+// snapshot. It prints the tables and writes JSON, CSV and an SVG plot to
+// $COLLECTIVE_BENCH_OUT (default /tmp/collective-bench-migrate).
 func benchMigrate(_ []peer, elf string, runs, _ int) error {
 	self, err := os.Executable()
 	if err != nil {
@@ -37,102 +42,261 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 	if err := os.MkdirAll(out, 0o755); err != nil {
 		return err
 	}
-	n := max(1, runs/5)
+	n := max(1, runs)
 	var results []migResult
+	var rows [][]string
+	f2 := func(x float64) string { return fmt.Sprintf("%.2f", x) }
+	f3 := func(x float64) string {
+		if x == 0 {
+			return "-" // no pair with both figures
+		}
+		return fmt.Sprintf("%.3f", x)
+	}
 	for _, mem := range []int{256, 1024} {
 		for _, load := range []struct {
 			name    string
 			cmdline string
-		}{{"idle", "spin"}, {"10MB/s", "dirty 64M 10 0"}, {"100MB/s", "dirty 64M 100 0"}} {
+		}{{"idle", "spin gaps"}, {"10MB/s", "dirty 64M 10 0"}, {"100MB/s", "dirty 64M 100 0"}} {
 			var ours, q []migResult
 			for i := 0; i < n; i++ {
-				r, err := migrateOurs(self, elf, load.cmdline, mem)
+				r, err := migrateOurs(self, elf, load.cmdline, mem, nil, nil)
 				if err != nil {
 					return fmt.Errorf("collective %d MiB %s: %w", mem, load.name, err)
 				}
 				r.Mem, r.Load = mem, load.name
 				ours = append(ours, r)
-				qr, err := migrateQEMU(elf, load.cmdline, mem)
+				qr, err := migrateQEMU(elf, load.cmdline, mem, nil)
 				if err != nil {
 					return fmt.Errorf("qemu %d MiB %s: %w", mem, load.name, err)
 				}
 				qr.Mem, qr.Load = mem, load.name
 				q = append(q, qr)
 			}
-			results = append(results, medianResult(ours), medianResult(q))
+			o, qm := medianResult(ours), medianResult(q)
+			results = append(results, o, qm)
+			gap := func(r migResult) string {
+				if r.GuestGapMS == 0 {
+					return "-"
+				}
+				return f2(r.GuestGapMS)
+			}
+			rows = append(rows, []string{fmt.Sprintf("%d MiB", mem), load.name,
+				fmt.Sprintf("%.1f", o.TotalMS), fmt.Sprintf("%.1f", qm.TotalMS), f3(pairRatio(ours, q, func(r migResult) float64 { return r.TotalMS })),
+				f2(o.DowntimeMS), f2(qm.DowntimeMS), f3(pairRatio(ours, q, func(r migResult) float64 { return r.DowntimeMS })),
+				f2(o.SourceDowntimeMS), f3(pairRatio2(ours, q, func(r migResult) float64 { return r.SourceDowntimeMS }, func(r migResult) float64 { return r.DowntimeMS })),
+				gap(o), gap(qm), f3(pairRatio(ours, q, func(r migResult) float64 { return r.GuestGapMS })),
+				f2(float64(o.Bytes) / 1e6), f2(float64(qm.Bytes) / 1e6), f3(pairRatio(ours, q, func(r migResult) float64 { return float64(r.Bytes) })),
+				f3(float64(o.Bytes) / float64(max(o.NonZero, 1))),
+				strconv.Itoa(o.Rounds), strconv.Itoa(qm.Rounds)})
 		}
 	}
-	var rows [][]string
-	ratio := func(a, b float64) string {
-		if b == 0 {
-			return "-"
-		}
-		return fmt.Sprintf("%.3f", a/b)
+	table(fmt.Sprintf("(e) live migration over loopback, workload guest, ours vs QEMU 7.2 microvm (downtime limit 50 ms, no bandwidth cap); median of %d interleaved runs, ratios the median of the runs' ours/QEMU ratios.\n"+
+		"    downtime: ours from the pause to the target's resumed acknowledgement; QEMU's own figure (integer ms), from its stop to the last byte sent, not counting the target's load and start.\n"+
+		"    src-side: ours on QEMU's definition (pause to the last byte sent); its ratio is against QEMU's downtime. guest gap: the stall the guest itself saw (spin gaps, first line on the target), both VMMs", n),
+		[]string{"guest", "load", "total ms", "qemu", "ratio", "downtime ms", "qemu", "ratio", "src-side ms", "ratio", "guest gap ms", "qemu", "ratio", "wire MB", "qemu", "ratio", "wire/non-zero", "rounds", "qemu"}, rows)
+
+	// A freshly booted appliance, its base snapshot in the target's cache.
+	fresh, err := benchFresh(self, elf, n)
+	if err != nil {
+		return err
 	}
-	for i := 0; i < len(results); i += 2 {
-		o, q := results[i], results[i+1]
-		gap := "-"
-		if o.GuestGapMS > 0 {
-			gap = fmt.Sprintf("%.2f", o.GuestGapMS)
-		}
-		rows = append(rows, []string{fmt.Sprintf("%d MiB", o.Mem), o.Load,
-			fmt.Sprintf("%.1f", o.TotalMS), fmt.Sprintf("%.1f", q.TotalMS), ratio(o.TotalMS, q.TotalMS),
-			fmt.Sprintf("%.2f", o.DowntimeMS), fmt.Sprintf("%.2f", q.DowntimeMS), ratio(o.DowntimeMS, q.DowntimeMS), gap,
-			fmt.Sprintf("%.2f", float64(o.Bytes)/1e6), fmt.Sprintf("%.2f", float64(q.Bytes)/1e6), ratio(float64(o.Bytes), float64(q.Bytes)),
-			fmt.Sprintf("%.3f", float64(o.Bytes)/float64(max(o.NonZero, 1))),
-			strconv.Itoa(o.Rounds), strconv.Itoa(q.Rounds)})
-	}
-	table(fmt.Sprintf("(e) live migration over loopback, workload guest, ours vs QEMU 7.2 microvm (downtime limit 50 ms, no bandwidth cap), median of %d", n),
-		[]string{"guest", "load", "total ms", "qemu", "ratio", "downtime ms", "qemu", "ratio", "guest gap ms", "wire MB", "qemu", "ratio", "wire/non-zero", "rounds", "qemu"}, rows)
+	results = append(results, fresh...)
+
 	jb, _ := json.MarshalIndent(results, "", "  ")
 	if err := os.WriteFile(filepath.Join(out, "migrate.json"), jb, 0o644); err != nil {
 		return err
 	}
 	var csv strings.Builder
-	csv.WriteString("vmm,mem_mib,load,total_ms,downtime_ms,guest_gap_ms,wire_bytes,nonzero_bytes,rounds\n")
+	csv.WriteString("vmm,mem_mib,load,total_ms,downtime_ms,source_downtime_ms,guest_gap_ms,wire_bytes,nonzero_bytes,rounds,runs\n")
 	for _, r := range results {
-		fmt.Fprintf(&csv, "%s,%d,%s,%.3f,%.3f,%.3f,%d,%d,%d\n", r.VMM, r.Mem, r.Load, r.TotalMS, r.DowntimeMS, r.GuestGapMS, r.Bytes, r.NonZero, r.Rounds)
+		fmt.Fprintf(&csv, "%s,%d,%s,%.3f,%.3f,%.3f,%.3f,%d,%d,%d,%d\n", r.VMM, r.Mem, r.Load, r.TotalMS, r.DowntimeMS, r.SourceDowntimeMS, r.GuestGapMS, r.Bytes, r.NonZero, r.Rounds, r.Runs)
 	}
 	if err := os.WriteFile(filepath.Join(out, "migrate.csv"), []byte(csv.String()), 0o644); err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(out, "migrate.svg"), []byte(migrateSVG(results)), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(out, "migrate.svg"), []byte(migrateSVG(results[:12])), 0o644); err != nil {
 		return err
 	}
 	fmt.Printf("wrote %s/migrate.{json,csv,svg}\n", out)
 	return nil
 }
 
+// freshPayload is the size of the fresh appliance's image in RAM.
+const freshPayload = 32 << 20
+
+// benchFresh measures the issue's "a freshly booted appliance migrates
+// with at most 10% of its memory on the wire when the target holds its
+// base snapshot". The appliance is the workload guest (spin) with a 32
+// MiB initrd of fixed pseudo-random, incompressible content: its image
+// (kernel and initramfs) in RAM. Its base snapshot is taken from an
+// earlier boot of the same ELF, initrd and command line and put in the
+// target's --cache; each run boots it afresh and migrates it, with the
+// cache and, for reference, without; QEMU migrates the same boot.
+func benchFresh(self, elf string, n int) ([]migResult, error) {
+	dir, err := os.MkdirTemp("", "bench-migrate-fresh")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	initrd := filepath.Join(dir, "appliance.img")
+	b := make([]byte, freshPayload)
+	rand.NewChaCha8([32]byte{'c', 'l', 'v', 'a', 'p', 'p'}).Read(b)
+	if err := os.WriteFile(initrd, b, 0o644); err != nil {
+		return nil, err
+	}
+	cache := filepath.Join(dir, "cache")
+	if err := os.MkdirAll(cache, 0o755); err != nil {
+		return nil, err
+	}
+	if err := snapshotFresh(self, elf, initrd, filepath.Join(cache, "base.snap")); err != nil {
+		return nil, fmt.Errorf("base snapshot: %w", err)
+	}
+	const mem = 256
+	src := []string{"--initrd", initrd}
+	var with, without, q []migResult
+	for i := 0; i < n; i++ {
+		r, err := migrateOurs(self, elf, "spin gaps", mem, src, []string{"--cache", cache})
+		if err != nil {
+			return nil, fmt.Errorf("fresh appliance, cache: %w", err)
+		}
+		with = append(with, r)
+		if r, err = migrateOurs(self, elf, "spin gaps", mem, src, nil); err != nil {
+			return nil, fmt.Errorf("fresh appliance, no cache: %w", err)
+		}
+		without = append(without, r)
+		qr, err := migrateQEMU(elf, "spin gaps", mem, []string{"-initrd", initrd})
+		if err != nil {
+			return nil, fmt.Errorf("fresh appliance, qemu: %w", err)
+		}
+		q = append(q, qr)
+	}
+	var rows [][]string
+	var out []migResult
+	for _, c := range []struct {
+		name string
+		rs   []migResult
+	}{{"collective, base snapshot in the target's cache", with}, {"collective, no cache", without}, {"qemu", q}} {
+		m := medianResult(c.rs)
+		m.Mem, m.Load = mem, "fresh appliance"
+		if c.name == "collective, no cache" {
+			m.Load = "fresh appliance, no cache"
+		}
+		out = append(out, m)
+		nz := float64(max(with[0].NonZero, 1)) // the guest's non-zero memory, as our round 0 found it
+		rows = append(rows, []string{c.name, fmt.Sprintf("%.2f", nz/1e6), fmt.Sprintf("%.3f", float64(m.Bytes)/1e6),
+			fmt.Sprintf("%.2f%%", 100*float64(m.Bytes)/nz), fmt.Sprintf("%.3f%%", 100*float64(m.Bytes)/float64(mem<<20)),
+			fmt.Sprintf("%.1f", m.TotalMS), fmt.Sprintf("%.2f", m.DowntimeMS)})
+	}
+	table(fmt.Sprintf("(e2) a freshly booted appliance (workload guest, 256 MiB, 32 MiB incompressible initrd) migrated; median of %d interleaved runs (target: at most 10%% of its memory on the wire with the base snapshot in the target's cache)", n),
+		[]string{"case", "non-zero MB", "wire MB", "wire/non-zero", "wire/RAM", "total ms", "downtime ms"}, rows)
+	return out, nil
+}
+
+// snapshotFresh boots the appliance once and snapshots it to path.
+func snapshotFresh(self, elf, initrd, path string) error {
+	dir, err := os.MkdirTemp("", "bench-migrate-base")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	sock, serial := filepath.Join(dir, "api.sock"), filepath.Join(dir, "out")
+	src, err := startProc([]string{self, "run", "--kernel", elf, "--initrd", initrd, "--append", "spin gaps", "--mem", "256M", "--api", sock, "--serial", "file:" + serial})
+	if err != nil {
+		return err
+	}
+	defer stopProc(src)
+	if err := waitFile(serial, "spin: looping", 30*time.Second); err != nil {
+		return err
+	}
+	_, err = api.NewClient(sock).Snapshot(api.SnapshotRequest{Path: path})
+	return err
+}
+
 type migResult struct {
 	VMM        string  `json:"vmm"`
 	Mem        int     `json:"mem_mib"`
 	Load       string  `json:"load"`
+	Runs       int     `json:"runs"`
 	TotalMS    float64 `json:"total_ms"`
 	DowntimeMS float64 `json:"downtime_ms"`
+	// SourceDowntimeMS is ours on QEMU's definition: from the pause to
+	// the last byte sent.
+	SourceDowntimeMS float64 `json:"source_downtime_ms,omitempty"`
+	// GuestGapMS is the stall the guest saw (spin gaps: the target's
+	// first gap line); 0 when not measured.
 	GuestGapMS float64 `json:"guest_gap_ms,omitempty"`
 	Bytes      int64   `json:"wire_bytes"`
 	NonZero    int64   `json:"nonzero_bytes,omitempty"`
 	Rounds     int     `json:"rounds"`
+	// Stop is the stop phase's steps (ours; the median run's).
+	Stop *migrate.StopTimes `json:"stop,omitempty"`
 	// DirtyPerRound is the pages dirtied during each round (ours).
 	DirtyPerRound []int64          `json:"dirty_per_round,omitempty"`
 	Timeline      []migrate.Sample `json:"timeline"`
 }
 
+// medianResult takes each figure's median over the runs; the curves and
+// the stop steps are the run of median total time's.
 func medianResult(rs []migResult) migResult {
-	best := rs[0]
-	if len(rs) > 1 {
-		ts := make([]float64, len(rs))
+	med := func(f func(migResult) float64) float64 {
+		xs := make([]float64, len(rs))
 		for i, r := range rs {
-			ts[i] = r.TotalMS
+			xs[i] = f(r)
 		}
-		m := median(ts)
-		for _, r := range rs {
-			if r.TotalMS == m {
-				best = r
-			}
+		return median(xs)
+	}
+	best := rs[0]
+	m := med(func(r migResult) float64 { return r.TotalMS })
+	for _, r := range rs {
+		if r.TotalMS == m {
+			best = r
 		}
 	}
+	best.Runs = len(rs)
+	best.TotalMS = m
+	best.DowntimeMS = med(func(r migResult) float64 { return r.DowntimeMS })
+	best.SourceDowntimeMS = med(func(r migResult) float64 { return r.SourceDowntimeMS })
+	best.GuestGapMS = med(func(r migResult) float64 { return r.GuestGapMS })
+	best.Bytes = int64(med(func(r migResult) float64 { return float64(r.Bytes) }))
+	best.NonZero = int64(med(func(r migResult) float64 { return float64(r.NonZero) }))
+	best.Rounds = int(med(func(r migResult) float64 { return float64(r.Rounds) }))
 	return best
+}
+
+// pairRatio is the median of f(ours[i]) / f(qemu[i]) over the runs (0
+// when a QEMU figure is 0).
+func pairRatio(ours, q []migResult, f func(migResult) float64) float64 {
+	return pairRatio2(ours, q, f, f)
+}
+
+// pairRatio2 is pairRatio of f(ours[i]) / g(qemu[i]).
+func pairRatio2(ours, q []migResult, f, g func(migResult) float64) float64 {
+	var xs []float64
+	for i := range ours {
+		if i < len(q) && g(q[i]) != 0 && f(ours[i]) != 0 {
+			xs = append(xs, f(ours[i])/g(q[i]))
+		}
+	}
+	return median(xs)
+}
+
+// firstGap returns the first "spin: gap N us" of a serial log, in ms.
+func firstGap(path string, d time.Duration) float64 {
+	deadline := time.Now().Add(d)
+	for {
+		b, _ := os.ReadFile(path)
+		if _, rest, ok := strings.Cut(string(b), "spin: gap "); ok {
+			if num, _, ok := strings.Cut(rest, " us"); ok {
+				if us, err := strconv.ParseFloat(num, 64); err == nil {
+					return us / 1000
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			return 0
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 func waitFile(path, s string, d time.Duration) error {
@@ -168,6 +332,18 @@ func startProc(argv []string) (*exec.Cmd, error) {
 	return c, c.Start()
 }
 
+// startProcErr is startProc with stderr to a file.
+func startProcErr(argv []string, errPath string) (*exec.Cmd, error) {
+	f, err := os.Create(errPath)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	c := exec.Command(argv[0], argv[1:]...)
+	c.Stderr = f
+	return c, c.Start()
+}
+
 func stopProc(c *exec.Cmd) {
 	if c != nil && c.Process != nil {
 		c.Process.Kill()
@@ -175,7 +351,7 @@ func stopProc(c *exec.Cmd) {
 	}
 }
 
-func migrateOurs(self, elf, cmdline string, memMiB int) (migResult, error) {
+func migrateOurs(self, elf, cmdline string, memMiB int, srcArgs, tgtArgs []string) (migResult, error) {
 	dir, err := os.MkdirTemp("", "bench-migrate")
 	if err != nil {
 		return migResult{}, err
@@ -186,14 +362,15 @@ func migrateOurs(self, elf, cmdline string, memMiB int) (migResult, error) {
 		return migResult{}, err
 	}
 	// The target knows the size, as QEMU's does (-m).
-	tgt, err := startProc([]string{self, "run", "--incoming", addr, "--mem", fmt.Sprintf("%dM", memMiB), "--serial", "file:" + filepath.Join(dir, "tgt.out")})
+	tgtSerial := filepath.Join(dir, "tgt.out")
+	tgt, err := startProcErr(append([]string{self, "run", "--incoming", addr, "--mem", fmt.Sprintf("%dM", memMiB), "--serial", "file:" + tgtSerial}, tgtArgs...), filepath.Join(dir, "tgt.err"))
 	if err != nil {
 		return migResult{}, err
 	}
 	defer stopProc(tgt)
 	sock := filepath.Join(dir, "api.sock")
 	serial := filepath.Join(dir, "src.out")
-	src, err := startProc([]string{self, "run", "--kernel", elf, "--append", cmdline, "--mem", fmt.Sprintf("%dM", memMiB), "--api", sock, "--serial", "file:" + serial})
+	src, err := startProc(append([]string{self, "run", "--kernel", elf, "--append", cmdline, "--mem", fmt.Sprintf("%dM", memMiB), "--api", sock, "--serial", "file:" + serial}, srcArgs...))
 	if err != nil {
 		return migResult{}, err
 	}
@@ -203,14 +380,20 @@ func migrateOurs(self, elf, cmdline string, memMiB int) (migResult, error) {
 	}
 	// Let a dirtying guest reach its rate.
 	time.Sleep(300 * time.Millisecond)
+	if len(tgtArgs) > 0 {
+		// The target loads its cache before it listens.
+		if err := waitFile(filepath.Join(dir, "tgt.err"), "waiting for a migration", 30*time.Second); err != nil {
+			return migResult{}, err
+		}
+	}
 	rep, err := api.NewClient(sock).Migrate(api.MigrateRequest{To: addr, DowntimeMS: 50})
 	if err != nil {
 		return migResult{}, err
 	}
-	r := migResult{VMM: "collective", TotalMS: rep.TotalMS, DowntimeMS: rep.DowntimeMS, Bytes: rep.BytesWire,
-		NonZero: rep.NonZeroBytes, Rounds: rep.Rounds, Timeline: rep.Timeline}
-	if rep.GuestGapMS != nil && rep.GuestMode == "spin" {
-		r.GuestGapMS = *rep.GuestGapMS
+	r := migResult{VMM: "collective", TotalMS: rep.TotalMS, DowntimeMS: rep.DowntimeMS, SourceDowntimeMS: rep.PausedWorkMS,
+		Bytes: rep.BytesWire, NonZero: rep.NonZeroBytes, Rounds: rep.Rounds, Timeline: rep.Timeline, Stop: rep.Stop}
+	if strings.HasPrefix(cmdline, "spin gaps") {
+		r.GuestGapMS = firstGap(tgtSerial, 2*time.Second)
 	}
 	for _, s := range rep.RoundStats {
 		r.DirtyPerRound = append(r.DirtyPerRound, s.DirtyAfter)
@@ -280,7 +463,7 @@ func (q *qmp) do(cmd string, args any) (json.RawMessage, error) {
 	}
 }
 
-func migrateQEMU(elf, cmdline string, memMiB int) (migResult, error) {
+func migrateQEMU(elf, cmdline string, memMiB int, extra []string) (migResult, error) {
 	dir, err := os.MkdirTemp("", "bench-migrate-qemu")
 	if err != nil {
 		return migResult{}, err
@@ -295,14 +478,15 @@ func migrateQEMU(elf, cmdline string, memMiB int) (migResult, error) {
 			"-nographic", "-no-reboot", "-nodefaults", "-serial", "file:" + serial,
 			"-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", elf, "-append", cmdline}
 	}
-	tgt, err := startProc(append(base(filepath.Join(dir, "tgt.out")), "-incoming", "tcp:"+addr))
+	tgtSerial := filepath.Join(dir, "tgt.out")
+	tgt, err := startProc(append(append(base(tgtSerial), extra...), "-incoming", "tcp:"+addr))
 	if err != nil {
 		return migResult{}, err
 	}
 	defer stopProc(tgt)
 	sock := filepath.Join(dir, "qmp.sock")
 	serial := filepath.Join(dir, "src.out")
-	src, err := startProc(append(base(serial), "-qmp", "unix:"+sock+",server=on,wait=off"))
+	src, err := startProc(append(append(base(serial), extra...), "-qmp", "unix:"+sock+",server=on,wait=off"))
 	if err != nil {
 		return migResult{}, err
 	}
@@ -350,6 +534,9 @@ func migrateQEMU(elf, cmdline string, memMiB int) (migResult, error) {
 		switch st.Status {
 		case "completed":
 			r.TotalMS, r.DowntimeMS, r.Bytes, r.Rounds = st.TotalTime, st.Downtime, st.RAM.Transferred, st.RAM.DirtySyncCount
+			if strings.HasPrefix(cmdline, "spin gaps") {
+				r.GuestGapMS = firstGap(tgtSerial, 2*time.Second)
+			}
 			return r, nil
 		case "failed", "cancelled":
 			return r, errors.New("qemu migration " + st.Status)
