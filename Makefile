@@ -66,6 +66,7 @@ bench: build
 vet:
 	gofmt -l . | (! grep .) || (echo "gofmt needed" && false)
 	$(GO) vet ./...
+	$(GO) vet -tags vmm ./cmd/collective/...
 
 clean:
 	rm -rf bin guest/build

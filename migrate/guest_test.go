@@ -26,7 +26,8 @@ var (
 	binErr  error
 )
 
-// collectiveBin builds the collective binary once per test run.
+// collectiveBin builds the collective binary once per test run, and then
+// collective-vmm next to it, which collective run execs (make build).
 func collectiveBin(t *testing.T) string {
 	t.Helper()
 	binOnce.Do(func() {
@@ -36,9 +37,15 @@ func collectiveBin(t *testing.T) string {
 			return
 		}
 		binPath = filepath.Join(dir, "collective")
-		out, err := exec.Command("go", "build", "-o", binPath, "collective/cmd/collective").CombinedOutput()
-		if err != nil {
-			binErr = fmt.Errorf("go build: %v\n%s", err, out)
+		for _, args := range [][]string{
+			{"build", "-o", binPath, "collective/cmd/collective"},
+			{"build", "-tags", "vmm", "-o", filepath.Join(dir, "collective-vmm"), "collective/cmd/collective"},
+		} {
+			out, err := exec.Command("go", args...).CombinedOutput()
+			if err != nil {
+				binErr = fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, out)
+				return
+			}
 		}
 	})
 	if binErr != nil {

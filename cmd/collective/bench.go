@@ -168,7 +168,7 @@ func benchBoot(ps []peer, guest string, runs, _ int) error {
 		m := median(res[p.name])
 		rows = append(rows, []string{p.name, fmt.Sprintf("%.1f", m), fmt.Sprintf("%.1f", slices.Min(res[p.name])), fmt.Sprintf("%.3f", base/m)})
 	}
-	table(fmt.Sprintf("(a) process start to first serial byte, workload guest 'hello', 128 MiB, %d runs", runs),
+	table(fmt.Sprintf("(a) process start to first serial byte, workload guest 'hello', 128 MiB, %d runs (collective: collective run, exec of collective-vmm included)", runs),
 		[]string{"peer", "median ms", "min ms", "collective/peer"}, rows)
 	return nil
 }
@@ -224,11 +224,14 @@ func benchExits(ps []peer, guest string, runs, n int) error {
 // from /proc/PID/smaps: the RSS and the anonymous memory, each minus the
 // guest-RAM mapping's share. RSS counts the pages of the binary and its
 // libraries, which every VM on a host shares; anonymous memory is what each
-// further VM costs.
+// further VM costs. The process is the one collective run starts: the
+// collective-vmm it execs when that is next to collective (the same
+// process), and the table says which binary ran the guest.
 func benchMemory(ps []peer, guest string, runs, _ int) error {
 	const memMiB = 256
 	var rows [][]string
 	rss, anon := map[string][]float64{}, map[string][]float64{}
+	var exe string
 	for i := 0; i < max(3, runs/3); i++ {
 		for _, p := range ps {
 			u, err := overhead(p.cmd(guest, "spin", memMiB), memMiB<<20)
@@ -237,6 +240,9 @@ func benchMemory(ps []peer, guest string, runs, _ int) error {
 			}
 			rss[p.name] = append(rss[p.name], u.rss)
 			anon[p.name] = append(anon[p.name], u.anon)
+			if p.name == "collective" {
+				exe = u.exe
+			}
 		}
 	}
 	br, ba := median(rss["collective"]), median(anon["collective"])
@@ -244,12 +250,16 @@ func benchMemory(ps []peer, guest string, runs, _ int) error {
 		r, a := median(rss[p.name]), median(anon[p.name])
 		rows = append(rows, []string{p.name, fmt.Sprintf("%.2f", r), fmt.Sprintf("%.3f", br/r), fmt.Sprintf("%.2f", a), fmt.Sprintf("%.3f", ba/a)})
 	}
-	table(fmt.Sprintf("(c) VMM memory overhead in MiB, guest 'spin', %d MiB of RAM: RSS and anonymous memory, each minus the guest RAM's", memMiB),
+	table(fmt.Sprintf("(c) VMM memory overhead in MiB, guest 'spin', %d MiB of RAM: RSS and anonymous memory, each minus the guest RAM's (collective run's process ran %s)", memMiB, filepath.Base(exe)),
 		[]string{"peer", "RSS-guest", "collective/peer", "anon-guest", "collective/peer"}, rows)
 	return nil
 }
 
-type memUsage struct{ rss, anon float64 }
+// memUsage is a VMM process's overhead in MiB, and its executable.
+type memUsage struct {
+	rss, anon float64
+	exe       string
+}
 
 func overhead(argv []string, ramBytes int) (memUsage, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -273,9 +283,11 @@ func overhead(argv []string, ramBytes int) (memUsage, error) {
 	if err != nil {
 		return memUsage{}, err
 	}
+	exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", cmd.Process.Pid))
 	return memUsage{
 		rss:  float64(m.rss-m.guestRSS) / (1 << 20),
 		anon: float64(m.anon-m.guestAnon) / (1 << 20),
+		exe:  exe,
 	}, nil
 }
 

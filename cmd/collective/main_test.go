@@ -1,25 +1,39 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
+	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
+	"collective/cmd/collective/internal/vmmexec"
 	"collective/guest"
 	"collective/internal/testenv"
 )
 
-// binary builds the collective command once per test binary.
+// binary builds the collective command into a temporary folder, and
+// then collective-vmm next to it, which run and restore exec: the tests
+// run what make build builds.
 func binary(t *testing.T) string {
 	t.Helper()
-	p := filepath.Join(t.TempDir(), "collective")
-	out, err := exec.Command("go", "build", "-o", p, ".").CombinedOutput()
-	if err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+	dir := t.TempDir()
+	p := filepath.Join(dir, "collective")
+	for _, args := range [][]string{
+		{"build", "-o", p, "."},
+		{"build", "-tags", "vmm", "-o", filepath.Join(dir, vmmexec.Name), "."},
+	} {
+		out, err := exec.Command("go", args...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("go %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
 	}
 	return p
 }
@@ -99,6 +113,63 @@ func TestRunGuestExitStatus(t *testing.T) {
 	data, _ := os.ReadFile(logf)
 	if code != 0 || stdout != "" || !strings.Contains(string(data), "hello") {
 		t.Fatalf("--serial file: status %d, stdout %q, file %q", code, stdout, data)
+	}
+}
+
+// TestRunExecsVMM checks that collective run becomes the collective-vmm
+// next to it (the same process, so a signal reaches the VMM), and runs
+// in-process, saying so, when collective-vmm is older than collective,
+// and silently when there is none.
+func TestRunExecsVMM(t *testing.T) {
+	testenv.RequireKVM(t)
+	testenv.RequireCommand(t, "gcc")
+	elf, err := guest.Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := binary(t)
+	vmm := filepath.Join(filepath.Dir(bin), vmmexec.Name)
+
+	cmd := exec.Command(bin, "run", "--kernel", elf, "--append", "spin", "--mem", "64M")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	if _, err := bufio.NewReader(out).ReadString('\n'); err != nil {
+		t.Fatalf("no serial output: %v", err)
+	}
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", cmd.Process.Pid))
+	if err != nil || exe != vmm {
+		t.Errorf("the VMM process runs %q (%v), want %s", exe, err, vmm)
+	}
+	go io.Copy(io.Discard, out)
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("after SIGTERM: %v, want status 0", err)
+	}
+
+	hello := func() (string, string) {
+		t.Helper()
+		code, stdout, stderr := run(t, bin, "", "run", "--kernel", elf, "--append", "hello", "--mem", "64M")
+		if code != 0 || !strings.Contains(stdout, "collective-guest: hello") {
+			t.Fatalf("hello: status %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+		}
+		return stdout, stderr
+	}
+	old := time.Now().Add(-time.Hour)
+	if err := os.Chtimes(vmm, old, old); err != nil {
+		t.Fatal(err)
+	}
+	if _, stderr := hello(); !strings.Contains(stderr, "is older than") {
+		t.Errorf("a stale collective-vmm: stderr %q, want it said", stderr)
+	}
+	os.Remove(vmm)
+	if _, stderr := hello(); stderr != "" {
+		t.Errorf("without collective-vmm: stderr %q, want none", stderr)
 	}
 }
 
