@@ -80,6 +80,25 @@ type work struct {
 type result struct {
 	c       chunk
 	payload []byte
+	err     error
+}
+
+// writeRuns writes the runs of pages in mask of the chunk at off in host
+// to f at pos (the chunk's first page).
+func writeRuns(f *os.File, host []byte, off, mask uint64, pos int64) error {
+	for m := mask; m != 0; {
+		i0 := bits.TrailingZeros64(m)
+		run := bits.TrailingZeros64(^(m >> i0))
+		lo := off + uint64(i0)*pageSize
+		if _, err := f.WriteAt(host[lo:lo+uint64(run)*pageSize], pos+int64(i0)*pageSize); err != nil {
+			return err
+		}
+		if i0+run >= 64 {
+			break
+		}
+		m &^= (uint64(1)<<run - 1) << i0
+	}
+	return nil
 }
 
 var zeroPage = make([]byte, pageSize)
@@ -183,7 +202,14 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 				if bufs != nil {
 					buf = bufs[k%len(bufs)]
 				}
-				r := encodeChunk(regs[ws[i].region].Host, ws[i], sp.raw, sp.dirty != nil, buf, &c)
+				wk := ws[i]
+				host := regs[wk.region].Host
+				r := encodeChunk(host, wk, sp.raw, sp.dirty != nil, buf, &c)
+				if sp.raw {
+					// The image's data pages go at their place, from both
+					// workers at once; zero pages stay holes.
+					r.err = writeRuns(f, host, wk.off, r.c.data, int64(h.dataOff+lay.offsets[wk.region]+wk.off))
+				}
 				select {
 				case outs[w] <- r:
 				case <-stop:
@@ -204,23 +230,11 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 		if r.c.data|r.c.zero == 0 && !sp.raw {
 			continue
 		}
+		if r.err != nil {
+			return nil, fmt.Errorf("snapshot: %w", r.err)
+		}
 		if sp.raw {
 			r.c.off = lay.offsets[wk.region] + wk.off
-			host := regs[wk.region].Host
-			// Write runs of data pages at their place; zero pages
-			// stay holes.
-			for m := r.c.data; m != 0; {
-				i0 := bits.TrailingZeros64(m)
-				run := bits.TrailingZeros64(^(m >> i0))
-				lo := wk.off + uint64(i0)*pageSize
-				if _, err := f.WriteAt(host[lo:lo+uint64(run)*pageSize], int64(h.dataOff+r.c.off)+int64(i0)*pageSize); err != nil {
-					return nil, fmt.Errorf("snapshot: %w", err)
-				}
-				if i0+run >= 64 {
-					break
-				}
-				m &^= (uint64(1)<<run - 1) << i0
-			}
 		} else {
 			r.c.off = dataPos
 			if _, err := bw.Write(r.payload); err != nil {
