@@ -35,6 +35,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"collective/devices"
 	"collective/devices/bus"
@@ -153,6 +154,7 @@ func badConfig(format string, a ...any) error {
 
 // New opens KVM, creates the VM and its devices and loads the kernel.
 func New(cfg Config) (*Machine, error) {
+	t0 := time.Now()
 	kernel, err := os.Open(cfg.Kernel)
 	if err != nil {
 		return nil, badConfig("machine: kernel: %w", err)
@@ -168,10 +170,12 @@ func New(cfg Config) (*Machine, error) {
 			return nil, badConfig("machine: initrd: %w", err)
 		}
 	}
+	t1 := time.Now()
 	m, err := NewBare(cfg)
 	if err != nil {
 		return nil, err
 	}
+	t2 := time.Now()
 	entry, err := boot.Load(m.mem, kernel, kst.Size(), boot.Config{Cmdline: cfg.Cmdline, Initrd: initrd, CPUs: cfg.CPUs, PCIInterrupts: m.pciIRQs})
 	if err != nil {
 		m.Close()
@@ -181,6 +185,8 @@ func New(cfg Config) (*Machine, error) {
 		m.Close()
 		return nil, err
 	}
+	m.log.Debug("machine built", "read_initrd", time.Since(t0)-time.Since(t1), "vm_and_devices", t2.Sub(t1),
+		"load_kernel", time.Since(t2), "total", time.Since(t0))
 	return m, nil
 }
 
