@@ -754,14 +754,23 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 	st := RoundStat{Round: round, StartMS: ms(start.Sub(s.start))}
 	bytes0 := s.fw.bytes
 	var work []chunkWork
+	var untouched int64 // round 0: pages never touched, zero without a look
 	for ri, r := range s.regs {
 		nch := (r.Size() + chunkBytes - 1) / chunkBytes
+		var res []uint64
+		if cand == nil {
+			res = residentPages(r.Host)
+		}
 		for c := uint64(0); c < nch; c++ {
 			off := c * chunkBytes
 			n := min(chunkPages, (r.Size()-off)/pageSize)
 			m := ^uint64(0) >> (64 - n)
 			if cand != nil {
 				m &= cand[ri][c]
+			}
+			if res != nil {
+				untouched += int64(bits.OnesCount64(m &^ res[c]))
+				m &= res[c]
 			}
 			if m != 0 {
 				work = append(work, chunkWork{ri, off, m})
@@ -844,6 +853,8 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 	if werr != nil {
 		return st, s.wireErr(fmt.Sprintf("round %d", round), werr)
 	}
+	st.Pages += untouched
+	s.zeros += untouched
 	if len(s.disks) > 0 {
 		if err := s.sendDiskBlocks(dcand); err != nil {
 			return st, err

@@ -59,13 +59,13 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 		}{{"idle", "spin gaps"}, {"10MB/s", "dirty 64M 10 0"}, {"100MB/s", "dirty 64M 100 0"}} {
 			var ours, q []migResult
 			for i := 0; i < n; i++ {
-				r, err := migrateOurs(self, elf, load.cmdline, mem, nil, nil)
+				r, err := retry("collective", func() (migResult, error) { return migrateOurs(self, elf, load.cmdline, mem, nil, nil) })
 				if err != nil {
 					return fmt.Errorf("collective %d MiB %s: %w", mem, load.name, err)
 				}
 				r.Mem, r.Load = mem, load.name
 				ours = append(ours, r)
-				qr, err := migrateQEMU(elf, load.cmdline, mem, nil)
+				qr, err := retry("qemu", func() (migResult, error) { return migrateQEMU(elf, load.cmdline, mem, nil) })
 				if err != nil {
 					return fmt.Errorf("qemu %d MiB %s: %w", mem, load.name, err)
 				}
@@ -155,16 +155,18 @@ func benchFresh(self, elf string, n int) ([]migResult, error) {
 	src := []string{"--initrd", initrd}
 	var with, without, q []migResult
 	for i := 0; i < n; i++ {
-		r, err := migrateOurs(self, elf, "spin gaps", mem, src, []string{"--cache", cache})
+		r, err := retry("collective", func() (migResult, error) {
+			return migrateOurs(self, elf, "spin gaps", mem, src, []string{"--cache", cache})
+		})
 		if err != nil {
 			return nil, fmt.Errorf("fresh appliance, cache: %w", err)
 		}
 		with = append(with, r)
-		if r, err = migrateOurs(self, elf, "spin gaps", mem, src, nil); err != nil {
+		if r, err = retry("collective", func() (migResult, error) { return migrateOurs(self, elf, "spin gaps", mem, src, nil) }); err != nil {
 			return nil, fmt.Errorf("fresh appliance, no cache: %w", err)
 		}
 		without = append(without, r)
-		qr, err := migrateQEMU(elf, "spin gaps", mem, []string{"-initrd", initrd})
+		qr, err := retry("qemu", func() (migResult, error) { return migrateQEMU(elf, "spin gaps", mem, []string{"-initrd", initrd}) })
 		if err != nil {
 			return nil, fmt.Errorf("fresh appliance, qemu: %w", err)
 		}
@@ -278,6 +280,48 @@ func pairRatio2(ours, q []migResult, f, g func(migResult) float64) float64 {
 		}
 	}
 	return median(xs)
+}
+
+// waitListen waits until a socket listens on addr's port
+// (/proc/net/tcp, state 0A).
+func waitListen(addr string, d time.Duration) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return err
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil {
+		return err
+	}
+	want := fmt.Sprintf(":%04X ", p)
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+			b, _ := os.ReadFile(f)
+			for _, line := range strings.Split(string(b), "\n") {
+				fs := strings.Fields(line)
+				if len(fs) > 3 && strings.HasSuffix(fs[1]+" ", want) && fs[3] == "0A" {
+					return nil
+				}
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return fmt.Errorf("nothing listens on %s after %v", addr, d)
+}
+
+// retry runs f up to 3 times: a run can fail on a loaded machine (a
+// process slow to start); the error is printed, not hidden.
+func retry(what string, f func() (migResult, error)) (migResult, error) {
+	var err error
+	for i := 0; i < 3; i++ {
+		var r migResult
+		if r, err = f(); err == nil {
+			return r, nil
+		}
+		fmt.Fprintf(os.Stderr, "collective bench migrate: %s: %v (run again)\n", what, err)
+	}
+	return migResult{}, err
 }
 
 // firstGap returns the first "spin: gap N us" of a serial log, in ms.
@@ -495,6 +539,11 @@ func migrateQEMU(elf, cmdline string, memMiB int, extra []string) (migResult, er
 		return migResult{}, err
 	}
 	time.Sleep(300 * time.Millisecond)
+	// A probe connection would be taken for the migration: look for the
+	// target's listening socket instead.
+	if err := waitListen(addr, 30*time.Second); err != nil {
+		return migResult{}, err
+	}
 	q, err := dialQMP(sock)
 	if err != nil {
 		return migResult{}, err
@@ -520,6 +569,7 @@ func migrateQEMU(elf, cmdline string, memMiB int, extra []string) (migResult, er
 		}
 		var st struct {
 			Status    string  `json:"status"`
+			ErrorDesc string  `json:"error-desc"`
 			TotalTime float64 `json:"total-time"`
 			Downtime  float64 `json:"downtime"`
 			RAM       struct {
@@ -539,7 +589,7 @@ func migrateQEMU(elf, cmdline string, memMiB int, extra []string) (migResult, er
 			}
 			return r, nil
 		case "failed", "cancelled":
-			return r, errors.New("qemu migration " + st.Status)
+			return r, errors.New("qemu migration " + st.Status + ": " + st.ErrorDesc)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
