@@ -16,7 +16,8 @@
 //
 //	/init                     init.sh: mounts, insmod, /dev/kvm check, the control loop
 //	/bin/busybox              busybox-static (applets installed at boot)
-//	/bin/collective           CollectivePath: our VMM, statically linked
+//	/bin/collective           CollectivePath: our command, statically linked
+//	/bin/collective-vmm       CollectiveVMMPath: the VMM-only build, which collective run execs
 //	/lib/modules/kernel/...   kvm_amd, virtio_pci, virtio_console, 9pnet_virtio, 9p and their
 //	                          dependencies; /etc/nested/modules lists the insmod order
 //	/appliance/               ApplianceDir: vmlinux, bzImage, initrd.img, cmdline

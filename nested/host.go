@@ -59,6 +59,11 @@ type Options struct {
 	Share      string           // host folder mounted read-write at SharePath; "" for none
 	MemoryMiB  int              // L1's RAM; 0 means 2048
 	CPUs       int              // L1's vCPUs; 0 means 2
+	// CollectiveVMM is the statically linked collective-vmm (go build -tags
+	// vmm) that collective run and restore exec in L1; "" means the one
+	// next to Collective if there is one and it is not older (a stale
+	// build), or the one built with it.
+	CollectiveVMM string
 	// BootTimeout bounds building the initramfs and booting L1; 0 means 3 minutes.
 	BootTimeout time.Duration
 	// Console gets L1's kernel console (ttyS0) and its virtio console
@@ -144,11 +149,17 @@ func Start(ctx context.Context, opts Options) (h *Host, err error) {
 	if opts.Collective == "" {
 		start := time.Now()
 		opts.Collective = filepath.Join(dir, "collective")
-		if err := buildCollective(ctx, opts.Collective); err != nil {
+		opts.CollectiveVMM = filepath.Join(dir, VMMName)
+		if err := buildCollective(ctx, opts.Collective, opts.CollectiveVMM); err != nil {
 			return nil, err
 		}
-		logf("built a static collective in %s", time.Since(start).Round(time.Millisecond))
+		logf("built a static collective and collective-vmm in %s", time.Since(start).Round(time.Millisecond))
 	} else if err := checkStatic(opts.Collective); err != nil {
+		return nil, err
+	}
+	if opts.CollectiveVMM == "" {
+		opts.CollectiveVMM = vmmNextTo(opts.Collective, logf)
+	} else if err := checkStatic(opts.CollectiveVMM); err != nil {
 		return nil, err
 	}
 
@@ -157,6 +168,7 @@ func Start(ctx context.Context, opts Options) (h *Host, err error) {
 	l := layout{
 		modulesDir: opts.Kernel.ModulesDir,
 		collective: opts.Collective,
+		vmm:        opts.CollectiveVMM,
 		busybox:    opts.Busybox,
 		appliance:  opts.Appliance,
 		share:      opts.Share != "",
@@ -216,15 +228,45 @@ func checkStatic(path string) error {
 	return nil
 }
 
-// buildCollective builds cmd/collective statically into out. It needs the
-// go tool and a working directory inside the module.
-func buildCollective(ctx context.Context, out string) error {
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "collective/cmd/collective")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("nested: building collective: %w\n%s", err, b)
+// VMMName is the file name of collective-vmm, which collective run and
+// restore exec when it is next to collective.
+const VMMName = "collective-vmm"
+
+// buildCollective builds cmd/collective statically into out, and its
+// VMM-only variant (-tags vmm) into vmm, in that order (collective run
+// refuses a collective-vmm older than itself). It needs the go tool and a
+// working directory inside the module.
+func buildCollective(ctx context.Context, out, vmm string) error {
+	for _, b := range []struct{ out, tags string }{{out, ""}, {vmm, "vmm"}} {
+		cmd := exec.CommandContext(ctx, "go", "build", "-tags="+b.tags, "-o", b.out, "collective/cmd/collective")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if o, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("nested: building %s: %w\n%s", filepath.Base(b.out), err, o)
+		}
 	}
 	return nil
+}
+
+// vmmNextTo returns the collective-vmm next to collective, or "" (and
+// collective run runs in-process in L1) when there is none, it is
+// dynamically linked, or it is older than collective: collective run
+// would not exec a stale one here (cmd/collective/internal/vmmexec), and
+// L1's copies, whose times are equal, must not make it do so there.
+func vmmNextTo(collective string, logf func(string, ...any)) string {
+	p := filepath.Join(filepath.Dir(collective), VMMName)
+	vi, err := os.Stat(p)
+	if err != nil {
+		return ""
+	}
+	if ci, err := os.Stat(collective); err == nil && vi.ModTime().Before(ci.ModTime()) {
+		logf("%s is older than %s (a stale build): not copied to L1", p, collective)
+		return ""
+	}
+	if err := checkStatic(p); err != nil {
+		logf("%v: not copied to L1", err)
+		return ""
+	}
+	return p
 }
 
 func writeInitrdFile(ctx context.Context, name string, l layout) error {
