@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"unsafe"
 
 	"collective/internal/testenv"
 	"collective/kvm/guestmem"
@@ -148,5 +149,27 @@ func TestVMLifecycle(t *testing.T) {
 	}
 	if _, err := v.Regs(); err == nil {
 		t.Error("closed vCPU answered")
+	}
+}
+
+// TestRAMAligned checks that every RAM region sits at a 2 MiB-aligned host
+// address (KVM's huge mappings need host and guest addresses to agree
+// modulo 2 MiB), that the whole of it is usable, and that it unmaps.
+func TestRAMAligned(t *testing.T) {
+	for range 4 {
+		b, err := mmapRAM(6<<20 + 4096)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a := uintptr(unsafe.Pointer(&b[0])); a%hugeAlign != 0 {
+			t.Errorf("RAM at %#x: not 2 MiB aligned", a)
+		}
+		b[0], b[len(b)-1] = 1, 2
+		if err := munmapRAM(b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := mmapRAM(0); err == nil {
+		t.Error("mmapRAM(0) succeeded")
 	}
 }
