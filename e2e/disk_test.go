@@ -229,3 +229,36 @@ func TestDiskKill9AfterSync(t *testing.T) {
 	runL1(t, h, time.Minute, "rm -rf /tmp/e2e/kill")
 	t.Logf("timings: VM run to kill -9 plus overlay info and commit %.1f s; whole test %.1f s", vmTook.Seconds(), time.Since(start).Seconds())
 }
+
+// TestDiskINTx boots the appliance with pci=nomsi, so that Linux drives
+// virtio-blk through its INTx line (IOAPIC pins 16-23, listed in the MP
+// table) instead of MSI-X: the disk's interrupt is an IO-APIC one and the
+// guest reads the host's file through it.
+func TestDiskINTx(t *testing.T) {
+	requireE2fsprogs(t)
+	h := nested.Shared(t)
+	const text = "read through INTx\n"
+	img, _ := ext4Folder(t, map[string]string{"intx.txt": text})
+	putFile(t, h, img, "/tmp/e2e/intx/disk.img")
+	d := drv{flags: `--disk /tmp/e2e/intx/disk.img,ro --append "$(cat ` + nested.ApplianceDir + `/cmdline) pci=nomsi"`, lines: []string{
+		"mount -t ext4 -o ro,noload /dev/vda /mnt",
+		"cat /mnt/intx.txt",
+		"grep -e virtio -e MSI /proc/interrupts",
+		"poweroff",
+	}}
+	r := runDrives(t, h, 4*time.Minute, d.cmd()+" >/tmp/e2e/intx.out 2>&1", "intx")["intx"]
+	r.sentAll(t, d)
+	if !strings.Contains(r.console, "cat /mnt/intx.txt\n"+text) {
+		t.Errorf("the guest did not read the file; console:\n%s", r.console)
+	}
+	if !regexp.MustCompile(`IO-APIC +(1[6-9]|2[0-3])-fasteoi +virtio`).MatchString(r.console) {
+		t.Errorf("no virtio interrupt on an IO-APIC pin 16-23; console:\n%s", r.console)
+	}
+	if strings.Contains(r.console, "PCI-MSI") {
+		t.Errorf("MSI in use despite pci=nomsi; console:\n%s", r.console)
+	}
+	if r.rep.Status != 0 {
+		t.Errorf("poweroff: VMM status %d, want 0", r.rep.Status)
+	}
+	runL1(t, h, time.Minute, "rm -rf /tmp/e2e/intx /tmp/e2e/intx.out")
+}
