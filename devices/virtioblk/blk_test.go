@@ -35,6 +35,8 @@ type spy struct {
 	inflight  atomic.Int64
 	maxInFlt  atomic.Int64
 	readDelay time.Duration
+	// beforeRead, if set, runs in ReadAt before the data is read.
+	beforeRead func()
 }
 
 func (s *spy) Sync() error {
@@ -56,6 +58,9 @@ func (s *spy) ReadAt(p []byte, off int64) (int, error) {
 	}
 	if s.readDelay > 0 {
 		time.Sleep(s.readDelay)
+	}
+	if s.beforeRead != nil {
+		s.beforeRead()
 	}
 	return s.Backend.ReadAt(p, off)
 }
@@ -665,5 +670,31 @@ func TestDirectAsync(t *testing.T) {
 	}
 	if !bytes.Equal(f[16*SectorSize:24*SectorSize], data) {
 		t.Error("the file does not hold the written sectors")
+	}
+}
+
+// TestReadMarksDirtyAfterData takes the VMM's dirty log while a read is
+// under way, between the device finding its buffer and the data landing
+// in it, as a migration round can: the buffer's page must be in the next
+// log, or the target would keep the page as it was before the read.
+func TestReadMarksDirtyAfterData(t *testing.T) {
+	r := newRig(t, false, virtioblk.Config{})
+	reg := r.mem.Regions()[0]
+	// The data alone on its page (the header and status elsewhere).
+	q := r.newReq(16)
+	data := r.drv.Alloc(guestmem.PageSize, guestmem.PageSize)
+	r.drv.Alloc(guestmem.PageSize, guestmem.PageSize) // nothing else on data's page
+	r.header(q, virtioblk.TypeIn, 3)
+	r.be.beforeRead = func() { reg.TakeDirty() }
+	if s, _ := r.do(t, q, []virtiotest.Buf{{Addr: q.hdr, Len: 16}, {Addr: data, Len: guestmem.PageSize, Write: true}, {Addr: q.status, Len: 1, Write: true}}); s != virtioblk.StatusOK {
+		t.Fatalf("status %d", s)
+	}
+	r.be.beforeRead = nil
+	page := data / guestmem.PageSize
+	if q.status/guestmem.PageSize == page || q.hdr/guestmem.PageSize == page {
+		t.Fatal("test layout: the header or status shares the data's page")
+	}
+	if d := reg.TakeDirty(); d[page/64]&(1<<(page%64)) == 0 {
+		t.Errorf("the read's buffer (page %d) is not in the dirty log taken after the data landed", page)
 	}
 }

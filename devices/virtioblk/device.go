@@ -130,6 +130,7 @@ type request struct {
 	bufs       [][]byte
 	write      bool
 	n          uint64 // data bytes
+	span       span   // the data buffers
 	statusAddr uint64
 	done       func(int64, error) // calls submitted
 }

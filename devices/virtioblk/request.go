@@ -148,7 +148,7 @@ func (b *Block) submit(r *runState, req *request) bool {
 	if !ok {
 		return false
 	}
-	req.n, req.statusAddr = s.limit, p.statusAddr
+	req.n, req.statusAddr, req.span = s.limit, p.statusAddr, s
 	r.wg.Add(1)
 	if !b.sub.Submit(req.write, req.bufs, int64(p.h.sector*SectorSize), req.done) {
 		r.wg.Done()
@@ -175,6 +175,15 @@ func (b *Block) submitted(r *runState, req *request, err error) {
 	default:
 		b.Metrics.BytesRead.Add(req.n)
 		written = req.n
+	}
+	if !req.write {
+		// WriteSlice marked the buffers before the data landed: mark
+		// them again, so that a migration round that took the log in
+		// between sends them once more.
+		req.span.each(func(addr, k uint64) bool {
+			r.mem.MarkDirty(addr, k)
+			return true
+		})
 	}
 	b.complete(r, req.chain.Head, b.finish(r, req.statusAddr, status, written))
 	r.free <- req
@@ -204,6 +213,9 @@ func (b *Block) serve(r *runState, req *request, h header, readable, writable sp
 			if _, err := b.be.ReadAt(dst, off); err != nil {
 				return false
 			}
+			// Again now that the data is there: a migration round
+			// that took the log in between sent the page before it.
+			r.mem.MarkDirty(addr, k)
 			off += int64(k)
 			return true
 		})

@@ -179,8 +179,8 @@ func (m *Memory) Slice(gpa, n uint64) ([]byte, error) {
 
 // WriteSlice is Slice for a caller that will write into the returned bytes:
 // the range is marked dirty before it returns. Callers must finish writing
-// before the next TakeDirty of a migration round, or write again through
-// WriteAt.
+// before the next TakeDirty of a migration round, or call MarkDirty once
+// the data is there (as virtio-blk does after a read).
 func (m *Memory) WriteSlice(gpa, n uint64) ([]byte, error) {
 	s, err := m.Slice(gpa, n)
 	if err != nil {
