@@ -85,7 +85,8 @@ CMD's, 2 for bad flags, %d when the nested host fails.
 		opts.Share = dir
 	}
 	// Our own binary goes into L1 when it is static (the usual
-	// CGO_ENABLED=0 build); otherwise Start builds one.
+	// CGO_ENABLED=0 build), with the collective-vmm next to it that
+	// collective run execs; otherwise Start builds both.
 	if exe, err := os.Executable(); err == nil && nested.IsStatic(exe) {
 		opts.Collective = exe
 	}
