@@ -32,7 +32,9 @@ const (
 	valZero = 0xffffffff // reads as zeros
 )
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+// castagnoli returns the CRC-32C table. hash/crc32 builds it once, on the
+// first call: not at package initialisation, which every VMM process runs.
+func castagnoli() *crc32.Table { return crc32.MakeTable(crc32.Castagnoli) }
 
 // ErrCorrupt is matched by every *FormatError.
 var ErrCorrupt = errors.New("cow: corrupt overlay")
@@ -100,7 +102,7 @@ func (h *header) encode() []byte {
 	copy(b[56:88], h.baseHash[:])
 	le.PutUint16(b[88:], uint16(len(h.baseHint)))
 	copy(b[90:], h.baseHint)
-	le.PutUint32(b[crcOffset:], crc32.Checksum(b[:crcOffset], castagnoli))
+	le.PutUint32(b[crcOffset:], crc32.Checksum(b[:crcOffset], castagnoli()))
 	return b
 }
 
@@ -117,7 +119,7 @@ func decodeHeader(path string, b []byte, fileSize int64) (*header, error) {
 		return nil, bad(0, "bad magic %q: not a collective overlay", b[:8])
 	}
 	le := binary.LittleEndian
-	if stored, sum := le.Uint32(b[crcOffset:]), crc32.Checksum(b[:crcOffset], castagnoli); stored != sum {
+	if stored, sum := le.Uint32(b[crcOffset:]), crc32.Checksum(b[:crcOffset], castagnoli()); stored != sum {
 		return nil, bad(crcOffset, "header checksum mismatch: stored %#08x, computed %#08x", stored, sum)
 	}
 	if major, minor := le.Uint16(b[8:]), le.Uint16(b[10:]); major != VersionMajor || minor > VersionMinor {
@@ -186,7 +188,7 @@ func slotCRC(b []byte, vc uint64) uint32 {
 	var tmp [20]byte
 	copy(tmp[:12], b[:12])
 	binary.LittleEndian.PutUint64(tmp[12:], vc)
-	return crc32.Checksum(tmp[:], castagnoli)
+	return crc32.Checksum(tmp[:], castagnoli())
 }
 
 func decodeSlot(b []byte, vc uint64) (slot, slotState) {

@@ -284,7 +284,7 @@ func TestConcurrent(t *testing.T) {
 
 // fixCRC recomputes the header checksum after a field was changed.
 func fixCRC(b []byte) {
-	binary.LittleEndian.PutUint32(b[crcOffset:], crc32.Checksum(b[:crcOffset], castagnoli))
+	binary.LittleEndian.PutUint32(b[crcOffset:], crc32.Checksum(b[:crcOffset], castagnoli()))
 }
 
 // TestCorruptRefused damages a valid overlay in one way each and checks
