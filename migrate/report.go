@@ -146,4 +146,7 @@ type StopTimes struct {
 	TargetSync    float64 `json:"target_sync"`
 	TargetRestore float64 `json:"target_restore"`
 	TargetResume  float64 `json:"target_resume"`
+	// TargetFirstBeat runs from the commit received to the guest's first
+	// heartbeat after it (the workload guest's; 0 without a heartbeat).
+	TargetFirstBeat float64 `json:"target_first_beat,omitempty"`
 }

@@ -149,6 +149,7 @@ func Send(ctx context.Context, src Source, conn net.Conn, rep *Report, opts Opti
 	s := &sender{src: src, mem: src.Memory(), conn: conn, opts: opts, rep: rep, start: time.Now(),
 		replies: make(chan frame, 8), peerErr: make(chan error, 1)}
 	s.regs = s.mem.Regions()
+	s.scratch = make([]byte, chunkBytes)
 	s.taken = make([][]uint64, len(s.regs))
 	for i, r := range s.regs {
 		s.taken[i] = make([]uint64, (r.Size()/pageSize+63)/64)
@@ -210,6 +211,9 @@ type sender struct {
 	hashes map[[hashSize]byte]struct{}
 	// binaryState: the target asked for the state in the binary encoding.
 	binaryState bool
+	// scratch and lzc encode small rounds in the sender's goroutine.
+	scratch []byte
+	lzc     lz4.Compressor
 	// stateSaved: when the stop phase's state read ended.
 	stateSaved time.Time
 
@@ -514,6 +518,7 @@ func (s *sender) run(ctx context.Context) error {
 			s.rep.GuestMode = info.GuestMode
 			stop.TargetDecode, stop.TargetSync = ms(time.Duration(info.DecodeNS)), ms(time.Duration(info.SyncNS))
 			stop.TargetRestore, stop.TargetResume = ms(time.Duration(info.RestoreNS)), ms(time.Duration(info.ResumeNS))
+			stop.TargetFirstBeat = ms(time.Duration(info.FirstBeatNS))
 		}
 	}
 	s.progress("done", s.rep.Rounds, 0, 0)
@@ -557,6 +562,8 @@ type targetInfo struct {
 	SyncNS    int64 `json:"sync_ns,omitempty"`
 	RestoreNS int64 `json:"restore_ns,omitempty"`
 	ResumeNS  int64 `json:"resume_ns,omitempty"`
+	// FirstBeatNS: commit received to the guest's first heartbeat seen.
+	FirstBeatNS int64 `json:"first_beat_ns,omitempty"`
 }
 
 func (s *sender) wireErr(what string, err error) error {
@@ -786,9 +793,20 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 	if !final {
 		s.decideCompression(round)
 	}
-	out := make(chan encoded, 4*nw)
-	var next atomic.Int64
+	var out chan encoded
 	quit := make(chan struct{})
+	if len(work) <= smallRound {
+		// A few chunks (the stop phase's, often): encoded here, without
+		// waking workers.
+		nw = 0
+		out = make(chan encoded, len(work))
+		for i, w := range work {
+			out <- s.encodeChunk(w, round == 0, s.scratch, &s.lzc, i)
+		}
+	} else {
+		out = make(chan encoded, 4*nw)
+	}
+	var next atomic.Int64
 	var wg sync.WaitGroup
 	for w := 0; w < nw; w++ {
 		wg.Add(1)
@@ -866,8 +884,11 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 	if err := s.fw.send(frameRound, rb[:]); err != nil {
 		return st, s.wireErr(fmt.Sprintf("round %d", round), err)
 	}
-	if err := s.fw.flush(); err != nil {
-		return st, s.wireErr(fmt.Sprintf("round %d", round), err)
+	// The stop phase's round goes out with the state, in one flush.
+	if !final {
+		if err := s.fw.flush(); err != nil {
+			return st, s.wireErr(fmt.Sprintf("round %d", round), err)
+		}
 	}
 	if err := s.checkPeer(); err != nil {
 		return st, err
@@ -901,6 +922,10 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 func (s *sender) sample() {
 	s.rep.Timeline = append(s.rep.Timeline, Sample{MS: ms(time.Since(s.start)), Bytes: s.fw.bytes})
 }
+
+// smallRound: a round of at most this many chunks is encoded without
+// workers.
+const smallRound = 4
 
 // sampleEvery: one data chunk in this many is compressed for measurement
 // while lz4 is off.

@@ -110,6 +110,7 @@ func describe(b *strings.Builder, t reflect.Type, open map[reflect.Type]bool) er
 		if err != nil {
 			return err
 		}
+		fieldCache.Store(t, fs) // ready before the first encoding, in a downtime
 		b.WriteString("{")
 		for _, i := range fs {
 			b.WriteString(t.Field(i).Name + " ")

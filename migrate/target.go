@@ -376,6 +376,7 @@ func (r *receiver) finish(ctx context.Context, st *machine.MachineState) (*Incom
 	info := r.info
 	if hbOK {
 		if gap, ok := heartbeatGap(r.mem, hb0, 2*time.Second); ok {
+			info.FirstBeatNS = int64(time.Since(c0))
 			r.stats.GuestGap = gap
 			info.GuestGapNS = int64(gap)
 		}

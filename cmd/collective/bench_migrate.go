@@ -43,6 +43,18 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 		return err
 	}
 	n := max(1, runs)
+	// COLLECTIVE_BENCH_MIGRATE=SUBSTRING runs only the cases whose "MEM
+	// MiB LOAD" name contains it ("fresh" for table e2 alone).
+	only := os.Getenv("COLLECTIVE_BENCH_MIGRATE")
+	var raw strings.Builder // every run, for migrate-runs.csv
+	raw.WriteString("case,run,vmm,total_ms,downtime_ms,source_downtime_ms,guest_gap_ms,wire_bytes,rounds\n")
+	rawRows := func(name string, rs ...[]migResult) {
+		for _, set := range rs {
+			for i, r := range set {
+				fmt.Fprintf(&raw, "%s,%d,%s,%.3f,%.3f,%.3f,%.3f,%d,%d\n", name, i, r.VMM, r.TotalMS, r.DowntimeMS, r.SourceDowntimeMS, r.GuestGapMS, r.Bytes, r.Rounds)
+			}
+		}
+	}
 	var results []migResult
 	var rows [][]string
 	f2 := func(x float64) string { return fmt.Sprintf("%.2f", x) }
@@ -57,6 +69,10 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 			name    string
 			cmdline string
 		}{{"idle", "spin gaps"}, {"10MB/s", "dirty 64M 10 0"}, {"100MB/s", "dirty 64M 100 0"}} {
+			name := fmt.Sprintf("%d MiB %s", mem, load.name)
+			if only != "" && !strings.Contains(name, only) {
+				continue
+			}
 			var ours, q []migResult
 			for i := 0; i < n; i++ {
 				r, err := retry("collective", func() (migResult, error) { return migrateOurs(self, elf, load.cmdline, mem, nil, nil) })
@@ -72,6 +88,7 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 				qr.Mem, qr.Load = mem, load.name
 				q = append(q, qr)
 			}
+			rawRows(name, ours, q)
 			o, qm := medianResult(ours), medianResult(q)
 			results = append(results, o, qm)
 			gap := func(r migResult) string {
@@ -90,17 +107,24 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 				strconv.Itoa(o.Rounds), strconv.Itoa(qm.Rounds)})
 		}
 	}
-	table(fmt.Sprintf("(e) live migration over loopback, workload guest, ours vs QEMU 7.2 microvm (downtime limit 50 ms, no bandwidth cap); median of %d interleaved runs, ratios the median of the runs' ours/QEMU ratios.\n"+
-		"    downtime: ours from the pause to the target's resumed acknowledgement; QEMU's own figure (integer ms), from its stop to the last byte sent, not counting the target's load and start.\n"+
-		"    src-side: ours on QEMU's definition (pause to the last byte sent); its ratio is against QEMU's downtime. guest gap: the stall the guest itself saw (spin gaps, first line on the target), both VMMs", n),
-		[]string{"guest", "load", "total ms", "qemu", "ratio", "downtime ms", "qemu", "ratio", "src-side ms", "ratio", "guest gap ms", "qemu", "ratio", "wire MB", "qemu", "ratio", "wire/non-zero", "rounds", "qemu"}, rows)
 
+	if len(rows) > 0 {
+		table(fmt.Sprintf("(e) live migration over loopback, workload guest, ours vs QEMU 7.2 microvm (downtime limit 50 ms, no bandwidth cap); median of %d interleaved runs, ratios the median of the runs' ours/QEMU ratios.\n"+
+			"    downtime: ours from the pause to the target's resumed acknowledgement; QEMU's own figure (integer ms), from its stop to the last byte sent, not counting the target's load and start.\n"+
+			"    src-side: ours on QEMU's definition (pause to the last byte sent); its ratio is against QEMU's downtime. guest gap: the stall the guest itself saw (spin gaps, first line on the target), both VMMs", n),
+			[]string{"guest", "load", "total ms", "qemu", "ratio", "downtime ms", "qemu", "ratio", "src-side ms", "ratio", "guest gap ms", "qemu", "ratio", "wire MB", "qemu", "ratio", "wire/non-zero", "rounds", "qemu"}, rows)
+	}
 	// A freshly booted appliance, its base snapshot in the target's cache.
-	fresh, err := benchFresh(self, elf, n)
-	if err != nil {
+	if only == "" || strings.Contains("256 MiB fresh appliance", only) {
+		fresh, err := benchFresh(self, elf, n, rawRows)
+		if err != nil {
+			return err
+		}
+		results = append(results, fresh...)
+	}
+	if err := os.WriteFile(filepath.Join(out, "migrate-runs.csv"), []byte(raw.String()), 0o644); err != nil {
 		return err
 	}
-	results = append(results, fresh...)
 
 	jb, _ := json.MarshalIndent(results, "", "  ")
 	if err := os.WriteFile(filepath.Join(out, "migrate.json"), jb, 0o644); err != nil {
@@ -114,10 +138,10 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 	if err := os.WriteFile(filepath.Join(out, "migrate.csv"), []byte(csv.String()), 0o644); err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(out, "migrate.svg"), []byte(migrateSVG(results[:12])), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(out, "migrate.svg"), []byte(migrateSVG(results[:min(12, len(results))])), 0o644); err != nil {
 		return err
 	}
-	fmt.Printf("wrote %s/migrate.{json,csv,svg}\n", out)
+	fmt.Printf("wrote %s/migrate.{json,csv,svg} and migrate-runs.csv (every run)\n", out)
 	return nil
 }
 
@@ -132,7 +156,7 @@ const freshPayload = 32 << 20
 // earlier boot of the same ELF, initrd and command line and put in the
 // target's --cache; each run boots it afresh and migrates it, with the
 // cache and, for reference, without; QEMU migrates the same boot.
-func benchFresh(self, elf string, n int) ([]migResult, error) {
+func benchFresh(self, elf string, n int, rawRows func(string, ...[]migResult)) ([]migResult, error) {
 	dir, err := os.MkdirTemp("", "bench-migrate-fresh")
 	if err != nil {
 		return nil, err
@@ -172,6 +196,7 @@ func benchFresh(self, elf string, n int) ([]migResult, error) {
 		}
 		q = append(q, qr)
 	}
+	rawRows("fresh appliance: cache, no cache, qemu", with, without, q)
 	var rows [][]string
 	var out []migResult
 	for _, c := range []struct {
