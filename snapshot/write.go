@@ -171,7 +171,7 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 	if _, err := f.Seek(int64(h.dataOff), 0); err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
 	}
-	bw := bufio.NewWriterSize(f, 1<<20)
+	bw := bufio.NewWriterSize(f, 64<<10) // payloads of a chunk (up to 256 KiB) mostly bypass it
 
 	var index bytes.Buffer
 	stats := &Stats{MemBytes: st.MemSize}
