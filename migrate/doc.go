@@ -10,15 +10,26 @@
 // round sends the pages the logs recorded during the previous one (the
 // logs are taken before the pages are read, so a write that races the copy
 // is in the next round). After each round the source estimates the stop
-// phase as dirty bytes / measured rate + a fixed overhead; when that fits
-// the downtime limit, or after MaxRounds, it pauses the vCPUs, sends the
+// phase as dirty bytes / measured rate + a fixed overhead (1.5 ms); once
+// that fits the downtime limit it runs up to three more rounds while each
+// at least halves the rest and the estimate stays above twice the fixed
+// part (each such round costs the total about what it saves the
+// downtime); then, or after MaxRounds, it pauses the vCPUs, sends the
 // pages dirtied since, the machine state (machine.MachineState) and an end
-// frame, and runs the commit handshake below. Chunks of 64 pages are
-// encoded by one worker per CPU (zero test, hash lookup, lz4) and written
-// by one writer; a bandwidth cap paces the writer.
+// frame, and runs the commit handshake below. While paused, the state is
+// read and encoded by one goroutine as the last pages go, and a last
+// round of a few chunks is encoded without waking workers and flushed
+// with the state. Chunks of 64 pages are encoded by one worker per CPU
+// (one fewer while the guest runs: zero test, hash lookup, lz4; a plain
+// page is copied once, from guest RAM into its frame) and written by one
+// writer, large frames past its buffer; a bandwidth cap paces the
+// writer.
 //
 // Zero pages are never sent: in round 0 they are skipped (the target's RAM
-// starts zeroed), later a page that became zero is one bit of a zero
+// starts zeroed), and memory the guest never touched is not even read
+// (/proc/self/pagemap: neither present nor swapped, in a region whose
+// every mapping is private and anonymous, so never over a lazily mapped
+// snapshot image); later a page that became zero is one bit of a zero
 // frame. lz4 is used when it pays: compression starts on, samples one data
 // chunk in 16 for its ratio and speed, and is kept only while
 // 1/(1/compress rate + ratio/link rate) beats the link rate by 20% (the
