@@ -363,9 +363,13 @@ func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4
 			plain = append(plain, host[off:off+pageSize]...)
 		}
 	}
+	// lz4 output is kept only when it saves at least an eighth: below
+	// that, decoding on every restore costs more than the bytes it saves
+	// (lz4 itself skips quickly over data it cannot compress, about 8 GB/s
+	// here, so there is no sample to take first).
 	dst := buf[chunkBytes:]
 	k, err := c.CompressBlock(plain, dst)
-	if err == nil && k > 0 && k < len(plain) {
+	if err == nil && k > 0 && k <= len(plain)-len(plain)/8 {
 		r.c.enc, r.payload = encLZ4, dst[:k]
 	} else {
 		r.c.enc, r.payload = encPlain, plain
