@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/pierrec/lz4/v4"
@@ -298,8 +299,18 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 	if err := f.Close(); err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
 	}
+	// A file replaced at path is released in the background: freeing its
+	// pages (30-70 ms for 256 MiB on tmpfs here) is no part of taking the
+	// snapshot. An open descriptor keeps it alive past the rename.
+	old := openRegular(path)
 	if err := os.Rename(tmp, path); err != nil {
+		if old != nil {
+			old.Close()
+		}
 		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	if old != nil {
+		go old.Close()
 	}
 	ok = true
 	stats.Bytes = int64(h.stateOff + h.stateLen)
@@ -406,6 +417,20 @@ func crcZeroPage(c uint32) uint32 {
 	x := ^c
 	t := &zeroPageCRC
 	return ^(t[0][byte(x)] ^ t[1][byte(x>>8)] ^ t[2][byte(x>>16)] ^ t[3][byte(x>>24)])
+}
+
+// openRegular opens path when it is a regular file, else returns nil
+// (never blocking on a FIFO, never following a symbolic link).
+func openRegular(path string) *os.File {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil
+	}
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		f.Close()
+		return nil
+	}
+	return f
 }
 
 // parentHint returns parent's path relative to child's directory when
