@@ -75,9 +75,11 @@
 //	T->S resumed  (12) u64 nanoseconds from commit received to vCPUs started
 //	T->S info     (13) JSON {guest_gap_ns, guest_mode}: the guest's heartbeat
 //	either error  (14) UTF-8 message (<= MaxErrorText); the sender closes
-//	T->S round-ack (15) u32 round number: the round is applied; the source
-//	                   waits for it before deciding, so that the target's
-//	                   backlog never lands in the downtime
+//	T->S round-ack (15) u32 round number: the round is applied; rounds are
+//	                   pipelined (the next starts without waiting), but
+//	                   the source pauses only once every round is
+//	                   acknowledged, so that the target's backlog never
+//	                   lands in the downtime
 //
 // Protocol 1.1 adds the disks (a 1.1 target still reads 1.0 streams, which
 // have none; a 1.0 target refuses a 1.1 source by version):

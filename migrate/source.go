@@ -149,6 +149,7 @@ func Send(ctx context.Context, src Source, conn net.Conn, rep *Report, opts Opti
 	s := &sender{src: src, mem: src.Memory(), conn: conn, opts: opts, rep: rep, start: time.Now(),
 		replies: make(chan frame, 8), peerErr: make(chan error, 1)}
 	s.regs = s.mem.Regions()
+	s.acked = -1
 	s.scratch = make([]byte, chunkBytes)
 	s.taken = make([][]uint64, len(s.regs))
 	for i, r := range s.regs {
@@ -216,6 +217,8 @@ type sender struct {
 	lzc     lz4.Compressor
 	// stateSaved: when the stop phase's state read ended.
 	stateSaved time.Time
+	// acked is the last round the target acknowledged (-1: none).
+	acked int
 
 	// disks are the source's disks (protocol 1.1); need the disks whose
 	// base the target asked for.
@@ -362,9 +365,10 @@ func (s *sender) run(ctx context.Context) error {
 			return err
 		}
 		s.rep.Rounds = round + 1
-		// Wait until the target has applied the round (its backlog would
-		// otherwise land in the downtime), then read the logs.
-		if _, err := s.await(frameRoundAck, "round acknowledgement"); err != nil {
+		// Rounds are pipelined: the next one starts while the target
+		// still applies this one (its acknowledgements are collected as
+		// they come); only the pause waits for the target to catch up.
+		if err := s.pollAcks(); err != nil {
 			return err
 		}
 		st.MS = ms(time.Since(s.start)) - st.StartMS
@@ -378,19 +382,46 @@ func (s *sender) run(ctx context.Context) error {
 		dirtyBytes := dirtyPages*pageSize + diskBytes(dcand)
 		dirtyRate := float64(dirtyBytes) / (st.MS / 1e3)
 		s.progress("round", round, dirtyRate, dirtyBytes)
-		if round+1 >= s.opts.MaxRounds {
-			break
-		}
+		stop := round+1 >= s.opts.MaxRounds
 		// Within the limit, one more round pays while it at least halves
 		// the rest and the stop is well above its fixed part: the
 		// downtime falls by about what the round adds to the total.
-		if exp := s.expectedDowntime(dirtyBytes); exp <= s.opts.Downtime {
+		if exp := s.expectedDowntime(dirtyBytes); !stop && exp <= s.opts.Downtime {
 			if exp <= 2*stopOverhead || dirtyBytes*2 > prevDirty || extra >= maxExtraRounds {
-				break
+				stop = true
+			} else {
+				extra++
 			}
-			extra++
 		}
 		prevDirty = dirtyBytes
+		if !stop {
+			continue
+		}
+		if s.acked < round {
+			// The target's backlog must not land in the downtime: wait
+			// until it has applied every round, take what the guest
+			// dirtied meanwhile, and run one more round if that is
+			// worth it.
+			if err := s.awaitAcks(round); err != nil {
+				return err
+			}
+			more, err := s.takeDirty()
+			if err != nil {
+				return err
+			}
+			orInto(cand, more)
+			for i, m := range s.takeDiskDirty() {
+				orBits(dcand[i], m)
+			}
+			dirtyPages = countBits(cand)
+			dirtyBytes = dirtyPages*pageSize + diskBytes(dcand)
+			if round+1 < s.opts.MaxRounds && extra < maxExtraRounds && s.expectedDowntime(dirtyBytes) > 2*stopOverhead {
+				extra++
+				prevDirty = dirtyBytes
+				continue
+			}
+		}
+		break
 	}
 
 	// Stop and copy.
@@ -551,6 +582,50 @@ func (s *sender) encodeMachineState() ([]byte, error) {
 		return nil, fmt.Errorf("migrate: machine state of %d bytes exceeds the limit of %d", len(enc), MaxStateSize)
 	}
 	return enc, nil
+}
+
+// pollAcks takes the round acknowledgements that have arrived, without
+// waiting.
+func (s *sender) pollAcks() error {
+	for {
+		select {
+		case f, ok := <-s.replies:
+			if !ok {
+				return fmt.Errorf("waiting for the target's round acknowledgement: %w", s.checkPeer())
+			}
+			if err := s.takeAck(f); err != nil {
+				return err
+			}
+		default:
+			return nil
+		}
+	}
+}
+
+// awaitAcks waits until the target has acknowledged round.
+func (s *sender) awaitAcks(round int) error {
+	for s.acked < round {
+		f, err := s.await(frameRoundAck, "round acknowledgement")
+		if err != nil {
+			return err
+		}
+		if err := s.takeAck(f); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// takeAck checks that f acknowledges the next round.
+func (s *sender) takeAck(f frame) error {
+	if f.typ != frameRoundAck {
+		return &ProtocolError{f.off, "expected a round acknowledgement, got " + frameName(f.typ)}
+	}
+	if len(f.payload) != 4 || int64(binary.LittleEndian.Uint32(f.payload)) != int64(s.acked)+1 {
+		return &ProtocolError{f.off, fmt.Sprintf("round acknowledgement out of sequence (want round %d)", s.acked+1)}
+	}
+	s.acked++
+	return nil
 }
 
 // targetInfo is the JSON of an info frame.
