@@ -83,9 +83,11 @@ func formatErr(off int64, format string, a ...any) error {
 	return &FormatError{Off: off, Msg: fmt.Sprintf(format, a...)}
 }
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+// castagnoli returns the CRC-32C table, which hash/crc32 makes at the
+// first call (not at package initialisation, which every VMM start runs).
+func castagnoli() *crc32.Table { return crc32.MakeTable(crc32.Castagnoli) }
 
-func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli()) }
 
 // ID names a snapshot: SHA-256 of its state and index sections and its
 // parent's ID.

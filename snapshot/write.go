@@ -347,7 +347,7 @@ func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4
 		pageHash(hsum[:], page)
 		hashes = append(hashes, hsum[:]...)
 		if raw {
-			crcAcc = crc32.Update(crcAcc, castagnoli, page)
+			crcAcc = crc32.Update(crcAcc, castagnoli(), page)
 		}
 	}
 	r.c.hashes = hashes
@@ -390,13 +390,15 @@ func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4
 	return r
 }
 
-// zeroPageCRC[k][b] is the CRC-32C register's change from byte b in
+// zeroPageCRC()[k][b] is the CRC-32C register's change from byte b in
 // position k after a page of zeros: the register's update over a zero
-// page is linear, so crcZeroPage costs four lookups, not a page.
-var zeroPageCRC = func() (t [4][256]uint32) {
+// page is linear, so crcZeroPage costs four lookups, not a page. Built at
+// first use, not at package initialisation (every VMM start runs those).
+var zeroPageCRC = sync.OnceValue(func() *[4][256]uint32 {
+	t := new([4][256]uint32)
 	var basis [32]uint32
 	for i := range basis {
-		basis[i] = ^crc32.Update(^(uint32(1) << i), castagnoli, zeroPage)
+		basis[i] = ^crc32.Update(^(uint32(1) << i), castagnoli(), zeroPage)
 	}
 	for k := range t {
 		for b := range 256 {
@@ -410,12 +412,12 @@ var zeroPageCRC = func() (t [4][256]uint32) {
 		}
 	}
 	return t
-}()
+})
 
-// crcZeroPage returns crc32.Update(c, castagnoli, zeroPage).
+// crcZeroPage returns crc32.Update(c, castagnoli(), zeroPage).
 func crcZeroPage(c uint32) uint32 {
 	x := ^c
-	t := &zeroPageCRC
+	t := zeroPageCRC()
 	return ^(t[0][byte(x)] ^ t[1][byte(x>>8)] ^ t[2][byte(x>>16)] ^ t[3][byte(x>>24)])
 }
 
