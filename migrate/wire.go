@@ -96,7 +96,9 @@ const (
 	encBinary = 2
 )
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+// castagnoli returns the CRC-32C table, which hash/crc32 makes at the
+// first call (not at package initialisation, which every VMM start runs).
+func castagnoli() *crc32.Table { return crc32.MakeTable(crc32.Castagnoli) }
 
 // ErrProtocol is matched by every error about a malformed or unexpected
 // frame, a checksum mismatch included.
@@ -169,7 +171,7 @@ func (fr *frameReader) next() (frame, error) {
 	}
 	fr.off += int64(headerSize + int(n) + trailSize)
 	want := binary.LittleEndian.Uint32(rest[n:])
-	if got := crc32.Checksum(fr.buf[:headerSize+int(n)], castagnoli); got != want {
+	if got := crc32.Checksum(fr.buf[:headerSize+int(n)], castagnoli()); got != want {
 		return frame{}, &ProtocolError{off, fmt.Sprintf("%s frame: CRC-32C %#08x, the frame says %#08x (corrupted)", frameName(typ), got, want)}
 	}
 	return frame{typ: typ, payload: rest[:n], off: off}, nil
@@ -208,7 +210,7 @@ func beginFrame(buf []byte, t byte) []byte {
 // finishFrame sets the payload length and appends the CRC.
 func finishFrame(buf []byte) []byte {
 	binary.LittleEndian.PutUint32(buf[4:8], uint32(len(buf)-headerSize))
-	return binary.LittleEndian.AppendUint32(buf, crc32.Checksum(buf, castagnoli))
+	return binary.LittleEndian.AppendUint32(buf, crc32.Checksum(buf, castagnoli()))
 }
 
 // write writes a finished frame.
