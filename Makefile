@@ -2,7 +2,7 @@
 
 GO        ?= go
 BIN       := bin/collective
-VMM       := bin/collective-vmm
+TOOLS     := bin/collective-tools
 GUEST     := guest/build/guest.elf
 ARGS      ?=
 FUZZTIME  ?= 30s
@@ -18,12 +18,13 @@ help:
 
 build: $(BIN) guest
 
-# collective and, next to it, collective-vmm: the same command built with
-# only run and restore (-tags vmm), which collective run and restore exec
-# so that the process running a guest links nothing else.
+# collective is cmd/collective built with only run and restore (-tags
+# vmm), so that the process running a guest links nothing else; next to
+# it, collective-tools is the full build, which collective execs for
+# every other command (bench, image, nested, ctl, ...).
 $(BIN): FORCE
-	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/collective
-	CGO_ENABLED=0 $(GO) build -tags vmm -o $(VMM) ./cmd/collective
+	CGO_ENABLED=0 $(GO) build -tags vmm -o $(BIN) ./cmd/collective
+	CGO_ENABLED=0 $(GO) build -o $(TOOLS) ./cmd/collective
 
 guest:
 	$(MAKE) -C guest

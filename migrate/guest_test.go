@@ -26,8 +26,9 @@ var (
 	binErr  error
 )
 
-// collectiveBin builds the collective binary once per test run, and then
-// collective-vmm next to it, which collective run execs (make build).
+// collectiveBin builds, once per test run and as make build does, the
+// collective binary (-tags vmm: run and restore) and collective-tools
+// next to it, which collective execs for migrate and ctl.
 func collectiveBin(t *testing.T) string {
 	t.Helper()
 	binOnce.Do(func() {
@@ -38,8 +39,8 @@ func collectiveBin(t *testing.T) string {
 		}
 		binPath = filepath.Join(dir, "collective")
 		for _, args := range [][]string{
-			{"build", "-o", binPath, "collective/cmd/collective"},
-			{"build", "-tags", "vmm", "-o", filepath.Join(dir, "collective-vmm"), "collective/cmd/collective"},
+			{"build", "-tags", "vmm", "-o", binPath, "collective/cmd/collective"},
+			{"build", "-o", filepath.Join(dir, "collective-tools"), "collective/cmd/collective"},
 		} {
 			out, err := exec.Command("go", args...).CombinedOutput()
 			if err != nil {

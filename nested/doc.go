@@ -16,8 +16,8 @@
 //
 //	/init                     init.sh: mounts, insmod, /dev/kvm check, the control loop
 //	/bin/busybox              busybox-static (applets installed at boot)
-//	/bin/collective           CollectivePath: our command, statically linked
-//	/bin/collective-vmm       CollectiveVMMPath: the VMM-only build, which collective run execs
+//	/bin/collective           CollectivePath: our command (the VMM build), statically linked
+//	/bin/collective-tools     CollectiveToolsPath: the full build, which collective execs for bench...
 //	/lib/modules/kernel/...   kvm_amd, virtio_pci, virtio_console, 9pnet_virtio, 9p and their
 //	                          dependencies; /etc/nested/modules lists the insmod order
 //	/appliance/               ApplianceDir: vmlinux, bzImage, initrd.img, cmdline

@@ -52,18 +52,18 @@ type Options struct {
 	CacheDir   string           // image cache; "" means image.DefaultCacheDir()
 	Kernel     *image.Kernel    // L1's kernel and modules; nil means image.DebianKernel
 	Appliance  *image.Appliance // copied to ApplianceDir; nil means image.BuildDefault
-	Collective string           // a statically linked collective; "" builds one (go build)
+	Collective string           // a statically linked collective (-tags vmm); "" builds it and collective-tools
 	Busybox    string           // a static busybox; "" means /bin/busybox
 	QEMU       string           // the qemu-system-x86_64 that runs L1; "" looks in PATH
 	WithQEMU   bool             // also copy QEMU into L1 (QEMUPath), for benchmarks
 	Share      string           // host folder mounted read-write at SharePath; "" for none
 	MemoryMiB  int              // L1's RAM; 0 means 2048
 	CPUs       int              // L1's vCPUs; 0 means 2
-	// CollectiveVMM is the statically linked collective-vmm (go build -tags
-	// vmm) that collective run and restore exec in L1; "" means the one
-	// next to Collective if there is one and it is not older (a stale
-	// build), or the one built with it.
-	CollectiveVMM string
+	// CollectiveTools is the statically linked collective-tools (the full
+	// build) that collective execs in L1 for its other commands (bench
+	// linux-drive...); "" means the one next to Collective, or the one
+	// built with it.
+	CollectiveTools string
 	// BootTimeout bounds building the initramfs and booting L1; 0 means 3 minutes.
 	BootTimeout time.Duration
 	// Console gets L1's kernel console (ttyS0) and its virtio console
@@ -149,18 +149,18 @@ func Start(ctx context.Context, opts Options) (h *Host, err error) {
 	if opts.Collective == "" {
 		start := time.Now()
 		opts.Collective = filepath.Join(dir, "collective")
-		opts.CollectiveVMM = filepath.Join(dir, VMMName)
-		if err := buildCollective(ctx, opts.Collective, opts.CollectiveVMM); err != nil {
+		opts.CollectiveTools = filepath.Join(dir, ToolsName)
+		if err := buildCollective(ctx, opts.Collective, opts.CollectiveTools); err != nil {
 			return nil, err
 		}
-		logf("built a static collective and collective-vmm in %s", time.Since(start).Round(time.Millisecond))
-	} else if err := checkStatic(opts.Collective); err != nil {
-		return nil, err
+		logf("built a static collective and collective-tools in %s", time.Since(start).Round(time.Millisecond))
+	} else if opts.CollectiveTools == "" {
+		opts.CollectiveTools = filepath.Join(filepath.Dir(opts.Collective), ToolsName)
 	}
-	if opts.CollectiveVMM == "" {
-		opts.CollectiveVMM = vmmNextTo(opts.Collective, logf)
-	} else if err := checkStatic(opts.CollectiveVMM); err != nil {
-		return nil, err
+	for _, p := range []string{opts.Collective, opts.CollectiveTools} {
+		if err := checkStatic(p); err != nil {
+			return nil, err
+		}
 	}
 
 	start := time.Now()
@@ -168,7 +168,7 @@ func Start(ctx context.Context, opts Options) (h *Host, err error) {
 	l := layout{
 		modulesDir: opts.Kernel.ModulesDir,
 		collective: opts.Collective,
-		vmm:        opts.CollectiveVMM,
+		tools:      opts.CollectiveTools,
 		busybox:    opts.Busybox,
 		appliance:  opts.Appliance,
 		share:      opts.Share != "",
@@ -228,16 +228,16 @@ func checkStatic(path string) error {
 	return nil
 }
 
-// VMMName is the file name of collective-vmm, which collective run and
-// restore exec when it is next to collective.
-const VMMName = "collective-vmm"
+// ToolsName is the file name of collective-tools, the full build of
+// cmd/collective, which collective (the VMM build) execs from its own
+// folder for every command but run and restore.
+const ToolsName = "collective-tools"
 
-// buildCollective builds cmd/collective statically into out, and its
-// VMM-only variant (-tags vmm) into vmm, in that order (collective run
-// refuses a collective-vmm older than itself). It needs the go tool and a
+// buildCollective builds cmd/collective statically: the VMM build (-tags
+// vmm) into out and the full build into tools. It needs the go tool and a
 // working directory inside the module.
-func buildCollective(ctx context.Context, out, vmm string) error {
-	for _, b := range []struct{ out, tags string }{{out, ""}, {vmm, "vmm"}} {
+func buildCollective(ctx context.Context, out, tools string) error {
+	for _, b := range []struct{ out, tags string }{{out, "vmm"}, {tools, ""}} {
 		cmd := exec.CommandContext(ctx, "go", "build", "-tags="+b.tags, "-o", b.out, "collective/cmd/collective")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if o, err := cmd.CombinedOutput(); err != nil {
@@ -245,28 +245,6 @@ func buildCollective(ctx context.Context, out, vmm string) error {
 		}
 	}
 	return nil
-}
-
-// vmmNextTo returns the collective-vmm next to collective, or "" (and
-// collective run runs in-process in L1) when there is none, it is
-// dynamically linked, or it is older than collective: collective run
-// would not exec a stale one here (cmd/collective/internal/vmmexec), and
-// L1's copies, whose times are equal, must not make it do so there.
-func vmmNextTo(collective string, logf func(string, ...any)) string {
-	p := filepath.Join(filepath.Dir(collective), VMMName)
-	vi, err := os.Stat(p)
-	if err != nil {
-		return ""
-	}
-	if ci, err := os.Stat(collective); err == nil && vi.ModTime().Before(ci.ModTime()) {
-		logf("%s is older than %s (a stale build): not copied to L1", p, collective)
-		return ""
-	}
-	if err := checkStatic(p); err != nil {
-		logf("%v: not copied to L1", err)
-		return ""
-	}
-	return p
 }
 
 func writeInitrdFile(ctx context.Context, name string, l layout) error {

@@ -35,11 +35,11 @@ var qemuFirmware = []string{
 
 // L1 paths of the files a script can rely on.
 const (
-	// CollectivePath is our command in L1.
+	// CollectivePath is our command in L1 (the VMM build: run, restore).
 	CollectivePath = "/bin/collective"
-	// CollectiveVMMPath is the VMM-only collective-vmm next to it, which
-	// collective run and restore exec (cmd/collective/internal/vmmexec).
-	CollectiveVMMPath = "/bin/collective-vmm"
+	// CollectiveToolsPath is the full build next to it, which collective
+	// execs for its other commands.
+	CollectiveToolsPath = "/bin/" + ToolsName
 	// ApplianceDir holds the L2 appliance in L1: vmlinux (PVH ELF),
 	// bzImage, initrd.img and cmdline (one line, no newline).
 	ApplianceDir = "/appliance"
@@ -59,7 +59,7 @@ const (
 type layout struct {
 	modulesDir string
 	collective string
-	vmm        string // "": no collective-vmm (collective run runs in-process)
+	tools      string // collective-tools
 	busybox    string
 	appliance  *image.Appliance // nil: no /appliance
 	qemu       string           // "" or the qemu-system-x86_64 to copy with its libraries
@@ -124,10 +124,8 @@ func writeInitramfs(ctx context.Context, w io.Writer, l layout) error {
 	if err := a.copy(CollectivePath, l.collective); err != nil {
 		return fmt.Errorf("collective binary: %w", err)
 	}
-	if l.vmm != "" {
-		if err := a.copy(CollectiveVMMPath, l.vmm); err != nil {
-			return fmt.Errorf("collective-vmm binary: %w", err)
-		}
+	if err := a.copy(CollectiveToolsPath, l.tools); err != nil {
+		return fmt.Errorf("collective-tools binary: %w", err)
 	}
 
 	order, err := loadModuleOrder(l.modulesDir)

@@ -52,9 +52,12 @@ func TestRunSequence(t *testing.T) {
 		{"binary-ish", "printf 'x@@y\\001\\r\\n'", "x@@y\x01\r\n", 0},
 		{"false", "false", "", 1},
 		{"files", "test -x /bin/collective && ls /appliance | sort | tr '\\n' ' '", "bzImage cmdline initrd.img vmlinux ", 0},
-		// collective run becomes collective-vmm (the same process).
+		// collective run is the collective process itself (no exec).
 		{"vmm", "/bin/collective run --kernel /appliance/vmlinux --mem 256M --serial none & p=$!; sleep 1; " +
-			"readlink /proc/$p/exe; kill $p; wait $p", "/bin/collective-vmm\n", 0},
+			"readlink /proc/$p/exe; kill $p; wait $p", "/bin/collective\n", 0},
+		// Its other commands are collective-tools's.
+		{"tools", "/bin/collective bench -h 2>&1 | head -1",
+			"usage: collective bench [flags] boot|exits|memory|snapshot|blk|migrate|all\n", 0},
 		{"after", "echo still here", "still here\n", 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

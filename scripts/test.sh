@@ -12,7 +12,7 @@ go=${GO:-go}
 nested='collective/(e2e|nested)$'
 
 $go vet ./... || exit 1
-$go vet -tags vmm ./cmd/collective/... || exit 1 # collective-vmm
+$go vet -tags vmm ./cmd/collective/... || exit 1 # collective, the VMM build
 $go test -count=1 -timeout 40m $($go list ./... | grep -Ev "$nested") || exit 1
 
 status=0

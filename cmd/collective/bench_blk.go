@@ -28,7 +28,7 @@ func benchBlk(_ []peer, elf string, runs, _ int) error {
 		secs     = 3
 		memMiB   = 128
 	)
-	self, err := os.Executable()
+	self, err := vmmBinary()
 	if err != nil {
 		return err
 	}

@@ -358,9 +358,7 @@ func runBenchLinux(runs, warmup, memMiB int, withPC, verbose bool) error {
 		}
 	}
 	opts := nested.Options{WithQEMU: true, Logf: logf}
-	if exe, err := os.Executable(); err == nil && nested.IsStatic(exe) {
-		opts.Collective = exe
-	}
+	nestedBinaries(&opts)
 	ctx := context.Background()
 	fmt.Fprintf(os.Stderr, "bench linux: booting the nested test host (L1)...\n")
 	h, err := nested.Start(ctx, opts)

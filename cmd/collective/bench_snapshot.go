@@ -38,7 +38,7 @@ func benchSnapshot(_ []peer, elf string, runs, _ int) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	self, err := os.Executable()
+	self, err := vmmBinary()
 	if err != nil {
 		return err
 	}

@@ -12,23 +12,21 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
-	"collective/cmd/collective/internal/vmmexec"
 	"collective/guest"
 	"collective/internal/testenv"
 )
 
-// binary builds the collective command into a temporary folder, and
-// then collective-vmm next to it, which run and restore exec: the tests
-// run what make build builds.
+// binary builds, as make build does, collective (-tags vmm: run and
+// restore) into a temporary folder and collective-tools (every command)
+// next to it, which collective execs for the other commands.
 func binary(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
 	p := filepath.Join(dir, "collective")
 	for _, args := range [][]string{
-		{"build", "-o", p, "."},
-		{"build", "-tags", "vmm", "-o", filepath.Join(dir, vmmexec.Name), "."},
+		{"build", "-tags", "vmm", "-o", p, "."},
+		{"build", "-o", filepath.Join(dir, toolsName), "."},
 	} {
 		out, err := exec.Command("go", args...).CombinedOutput()
 		if err != nil {
@@ -116,11 +114,11 @@ func TestRunGuestExitStatus(t *testing.T) {
 	}
 }
 
-// TestRunExecsVMM checks that collective run becomes the collective-vmm
-// next to it (the same process, so a signal reaches the VMM), and runs
-// in-process, saying so, when collective-vmm is older than collective,
-// and silently when there is none.
-func TestRunExecsVMM(t *testing.T) {
+// TestTwoBuilds checks that collective run is the collective process
+// itself (no exec: a signal reaches the VMM), that the commands it does
+// not link run in the collective-tools next to it, with one clear line
+// when that is missing, and that collective-tools runs run in-process.
+func TestTwoBuilds(t *testing.T) {
 	testenv.RequireKVM(t)
 	testenv.RequireCommand(t, "gcc")
 	elf, err := guest.Build()
@@ -128,7 +126,7 @@ func TestRunExecsVMM(t *testing.T) {
 		t.Fatal(err)
 	}
 	bin := binary(t)
-	vmm := filepath.Join(filepath.Dir(bin), vmmexec.Name)
+	tools := filepath.Join(filepath.Dir(bin), toolsName)
 
 	cmd := exec.Command(bin, "run", "--kernel", elf, "--append", "spin", "--mem", "64M")
 	out, err := cmd.StdoutPipe()
@@ -143,8 +141,8 @@ func TestRunExecsVMM(t *testing.T) {
 		t.Fatalf("no serial output: %v", err)
 	}
 	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", cmd.Process.Pid))
-	if err != nil || exe != vmm {
-		t.Errorf("the VMM process runs %q (%v), want %s", exe, err, vmm)
+	if err != nil || exe != bin {
+		t.Errorf("the VMM process runs %q (%v), want %s", exe, err, bin)
 	}
 	go io.Copy(io.Discard, out)
 	cmd.Process.Signal(syscall.SIGTERM)
@@ -152,24 +150,22 @@ func TestRunExecsVMM(t *testing.T) {
 		t.Errorf("after SIGTERM: %v, want status 0", err)
 	}
 
-	hello := func() (string, string) {
-		t.Helper()
-		code, stdout, stderr := run(t, bin, "", "run", "--kernel", elf, "--append", "hello", "--mem", "64M")
+	for _, b := range []string{bin, tools} {
+		code, stdout, stderr := run(t, b, "", "run", "--kernel", elf, "--append", "hello", "--mem", "64M")
 		if code != 0 || !strings.Contains(stdout, "collective-guest: hello") {
-			t.Fatalf("hello: status %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+			t.Fatalf("%s run hello: status %d\nstdout:\n%s\nstderr:\n%s", b, code, stdout, stderr)
 		}
-		return stdout, stderr
 	}
-	old := time.Now().Add(-time.Hour)
-	if err := os.Chtimes(vmm, old, old); err != nil {
-		t.Fatal(err)
+	if code, _, stderr := run(t, bin, "", "bench", "-h"); code != 2 || !strings.Contains(stderr, "usage: collective bench") {
+		t.Errorf("collective bench -h: status %d, stderr %q, want collective-tools's usage and 2", code, stderr)
 	}
-	if _, stderr := hello(); !strings.Contains(stderr, "is older than") {
-		t.Errorf("a stale collective-vmm: stderr %q, want it said", stderr)
+	if code, _, stderr := run(t, bin, "", "nonsense"); code != 2 || !strings.Contains(stderr, `unknown command "nonsense"`) {
+		t.Errorf("collective nonsense: status %d, stderr %q", code, stderr)
 	}
-	os.Remove(vmm)
-	if _, stderr := hello(); stderr != "" {
-		t.Errorf("without collective-vmm: stderr %q, want none", stderr)
+	os.Remove(tools)
+	code, _, stderr := run(t, bin, "", "bench", "-h")
+	if code != 1 || strings.Count(stderr, "\n") != 1 || !strings.Contains(stderr, "collective-tools") || !strings.Contains(stderr, "make build") {
+		t.Errorf("collective bench -h without collective-tools: status %d, stderr %q, want 1 and one line saying how to build it", code, stderr)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -84,12 +85,7 @@ CMD's, 2 for bad flags, %d when the nested host fails.
 		}
 		opts.Share = dir
 	}
-	// Our own binary goes into L1 when it is static (the usual
-	// CGO_ENABLED=0 build), with the collective-vmm next to it that
-	// collective run execs; otherwise Start builds both.
-	if exe, err := os.Executable(); err == nil && nested.IsStatic(exe) {
-		opts.Collective = exe
-	}
+	nestedBinaries(&opts)
 	if *verbose {
 		opts.Console = os.Stderr
 		opts.Logf = func(format string, a ...any) {
@@ -164,4 +160,17 @@ func absDir(dir string) (string, error) {
 		return "", err
 	}
 	return strings.TrimSuffix(wd+"/"+dir, "/."), nil
+}
+
+// nestedBinaries puts this collective-tools and the collective next to it
+// into L1 when both are static (make build: CGO_ENABLED=0); otherwise
+// (go run, a dynamic build) nested.Start builds both.
+func nestedBinaries(opts *nested.Options) {
+	exe, err := os.Executable()
+	if err != nil || filepath.Base(exe) != toolsName || !nested.IsStatic(exe) {
+		return
+	}
+	if vmm := filepath.Join(filepath.Dir(exe), "collective"); nested.IsStatic(vmm) {
+		opts.Collective, opts.CollectiveTools = vmm, exe
+	}
 }
