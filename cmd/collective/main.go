@@ -15,8 +15,9 @@
 // the process that runs a guest starts fast (bench boot) and keeps only
 // its own code resident (bench memory). Every other command is in
 // collective-tools (the default build, also what go run gives), which
-// collective execs from its own folder with the same arguments (tools.go).
-// collective-tools runs every command itself, run and restore included.
+// collective execs from its own folder with the same arguments
+// (commands_vmm.go); collective-tools runs every command itself, run and
+// restore included.
 package main
 
 import (
