@@ -523,8 +523,11 @@ func (s *sender) run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrInDoubt, err)
 	}
-	s.ackAt = time.Now()
-	stop.Resumed = since()
+	// When the acknowledgement was read off the socket, not when this
+	// goroutine got to it: on a loaded host that wakeup alone can take
+	// milliseconds, which are not the guest's.
+	s.ackAt = f.at
+	stop.Resumed = ms(s.ackAt.Sub(pausedAt))
 	s.rep.OK = true
 	s.rep.DowntimeMS = ms(s.ackAt.Sub(pausedAt))
 	rtt := s.ackAt.Sub(commitAt)
@@ -732,6 +735,7 @@ func (s *sender) readLoop() {
 			return
 		}
 		f.payload = append([]byte(nil), f.payload...)
+		f.at = time.Now()
 		s.replies <- f
 	}
 }

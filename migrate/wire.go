@@ -128,7 +128,8 @@ func (e *RemoteError) Error() string { return "migrate: the peer reports: " + e.
 type frame struct {
 	typ     byte
 	payload []byte
-	off     int64 // stream offset of the frame's first byte
+	off     int64     // stream offset of the frame's first byte
+	at      time.Time // when the source's reader got it (replies only)
 }
 
 // frameReader reads frames, verifying each one's CRC before its payload
