@@ -31,7 +31,7 @@ import (
 // snapshot. It prints the tables and writes JSON, CSV and an SVG plot to
 // $COLLECTIVE_BENCH_OUT (default /tmp/collective-bench-migrate).
 func benchMigrate(_ []peer, elf string, runs, _ int) error {
-	self, err := os.Executable()
+	self, err := vmmBinary() // the collective a user runs; it execs collective-tools for migrate
 	if err != nil {
 		return err
 	}
