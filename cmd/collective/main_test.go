@@ -91,13 +91,7 @@ func TestRunRefusesCleanly(t *testing.T) {
 }
 
 func TestRunGuestExitStatus(t *testing.T) {
-	testenv.RequireKVM(t)
-	testenv.RequireCommand(t, "gcc")
-	elf, err := guest.Build()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := binary(t)
+	elf, bin := guestAndBinary(t)
 	code, stdout, stderr := run(t, bin, "", "run", "--kernel", elf, "--append", "hello", "--mem", "64M")
 	if code != 0 || !strings.Contains(stdout, "collective-guest: hello") {
 		t.Fatalf("hello: status %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
@@ -119,13 +113,7 @@ func TestRunGuestExitStatus(t *testing.T) {
 // not link run in the collective-tools next to it, with one clear line
 // when that is missing, and that collective-tools runs run in-process.
 func TestTwoBuilds(t *testing.T) {
-	testenv.RequireKVM(t)
-	testenv.RequireCommand(t, "gcc")
-	elf, err := guest.Build()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := binary(t)
+	elf, bin := guestAndBinary(t)
 	tools := filepath.Join(filepath.Dir(bin), toolsName)
 
 	cmd := exec.Command(bin, "run", "--kernel", elf, "--append", "spin", "--mem", "64M")
@@ -173,13 +161,7 @@ func TestTwoBuilds(t *testing.T) {
 // `printf 'uname -r\npoweroff\n' | collective run` drives a Linux shell:
 // every byte must arrive, however early it is written.
 func TestRunPipedInput(t *testing.T) {
-	testenv.RequireKVM(t)
-	testenv.RequireCommand(t, "gcc")
-	elf, err := guest.Build()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := binary(t)
+	elf, bin := guestAndBinary(t)
 	var in strings.Builder
 	var want []string
 	for i := 0; i < 200; i++ {
@@ -219,4 +201,17 @@ func TestParseSize(t *testing.T) {
 			t.Errorf("parseSize(%q) = %d, %v", tc.in, got, err)
 		}
 	}
+}
+
+// guestAndBinary requires KVM and gcc, then builds the workload guest and
+// the command: the preamble of every test that runs a guest through it.
+func guestAndBinary(t *testing.T) (elf, bin string) {
+	t.Helper()
+	testenv.RequireKVM(t)
+	testenv.RequireCommand(t, "gcc")
+	elf, err := guest.Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return elf, binary(t)
 }

@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"collective/api"
-	"collective/guest"
-	"collective/internal/testenv"
 )
 
 // TestSnapshotRestoreAcrossProcesses: `collective run --api` runs the
@@ -19,13 +17,7 @@ import (
 // restore` in a new process resumes the guest, whose self-check passes;
 // bad API requests get clear errors.
 func TestSnapshotRestoreAcrossProcesses(t *testing.T) {
-	testenv.RequireKVM(t)
-	testenv.RequireCommand(t, "gcc")
-	elf, err := guest.Build()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := binary(t)
+	elf, bin := guestAndBinary(t)
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "api.sock")
 	logf := filepath.Join(dir, "run.log")
