@@ -42,6 +42,10 @@ done
 # Both stay open for L1's life.
 exec 3<>"$ctl" 4<>/dev/hvc0
 chmod 666 /dev/kvm
+# One idle VM held for L1's life, so that KVM does not rewrite kernel text
+# (static keys) each time an L2 machine starts or ends: under multi-threaded
+# TCG that patching livelocked L1 now and then (nested.HoldKVM).
+/bin/collective-tools nested --hold-kvm </dev/null >/dev/ttyS0 2>&1 &
 workdir=/
 if [ -e /etc/nested/share ]; then
 	if mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 host /host 2>/tmp/mount.err; then

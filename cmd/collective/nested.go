@@ -36,6 +36,7 @@ func nestedCmd(args []string) int {
 	cpus := fs.Int("l1-cpus", 2, "L1's vCPUs")
 	appliance := fs.Bool("appliance", false, "run the default appliance: CMD is extra flags for collective run")
 	verbose := fs.Bool("v", false, "show progress and L1's boot console on stderr")
+	hold := fs.Bool(nested.HoldFlag[2:], false, "inside L1 only: keep one idle VM open until killed (L1's init runs it; see nested.HoldKVM)")
 	fs.Usage = func() {
 		fmt.Fprintf(os.Stderr, `usage: collective nested [flags] [--] [CMD...]
        collective nested --appliance [flags] [-- RUN-FLAGS...]
@@ -64,6 +65,15 @@ CMD's, 2 for bad flags, %d when the nested host fails.
 			return 0
 		}
 		return 2
+	}
+	if *hold {
+		ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer cancel()
+		if err := nested.HoldKVM(ctx); err != nil {
+			fmt.Fprintf(os.Stderr, "collective nested: %v\n", err)
+			return 1
+		}
+		return 0
 	}
 	script := "exec sh -l"
 	switch {
