@@ -81,14 +81,21 @@ func benchBlk(_ []peer, elf string, runs, _ int) error {
 	for c := range configs {
 		res[c] = map[string]map[string][]float64{"collective": {}, "qemu-pc": {}}
 	}
-	rounds := max(3, runs/3)
+	rounds := max(4, runs/3)
+	rounds += rounds % 2 // as many rounds with each peer first
 	var failed []string
 	for i := 0; i < rounds; i++ {
 		for c, cf := range configs {
-			for _, p := range []struct {
+			peers := []struct {
 				name string
 				argv []string
-			}{{"collective", cf.ours}, {"qemu-pc", cf.qemu}} {
+			}{{"collective", cf.ours}, {"qemu-pc", cf.qemu}}
+			// Who goes first alternates round by round: a run can
+			// inherit the host's writeback of the run before it.
+			if i%2 == 1 {
+				peers[0], peers[1] = peers[1], peers[0]
+			}
+			for _, p := range peers {
 				// Same host cache state for every run: the whole file
 				// cached for the page-cache runs, none of it for O_DIRECT
 				// (the other peer's direct writes drop cached pages).
