@@ -845,7 +845,7 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 		nch := (r.Size() + chunkBytes - 1) / chunkBytes
 		var res []uint64
 		if cand == nil {
-			res = residentPages(r.Host)
+			res = guestmem.Resident(r.Host)
 		}
 		for c := uint64(0); c < nch; c++ {
 			off := c * chunkBytes

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"hash/crc32"
 	"math/rand/v2"
 	"os"
@@ -15,6 +16,8 @@ import (
 	"collective/kvm/boot"
 	"collective/kvm/guestmem"
 	"collective/machine"
+
+	"golang.org/x/sys/unix"
 )
 
 const testMem = 32 << 20
@@ -289,5 +292,61 @@ func TestCRCZeroPage(t *testing.T) {
 		if got, want := crcZeroPage(c), crc32.Update(c, castagnoli(), zeroPage); got != want {
 			t.Errorf("crcZeroPage(%#x) = %#x, want %#x", c, got, want)
 		}
+	}
+}
+
+// TestFullSkipsUntouched: a full snapshot of guest RAM in a private
+// anonymous mapping stores the pages that hold data and reads none that
+// the guest never touched (they stay unmapped), raw image or not; the
+// restored memory equals the original either way.
+func TestFullSkipsUntouched(t *testing.T) {
+	host, err := unix.Mmap(-1, 0, testMem, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(host)
+	unix.Madvise(host, unix.MADV_NOHUGEPAGE) // one touch maps one page
+	mem, err := guestmem.New(guestmem.Region{GPA: 0, Host: host})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := []int{0, 3, 64, 65, 1000, testMem/pageSize - 1}
+	for _, p := range data {
+		host[p*pageSize+17] = byte(p) | 1
+	}
+	host[5*pageSize] = 0 // touched, and zero: read, not stored
+	touched := map[int]bool{5: true}
+	for _, p := range data {
+		touched[p] = true
+	}
+	dir := t.TempDir()
+	var paths []string
+	for _, raw := range []bool{false, true} {
+		p := filepath.Join(dir, fmt.Sprintf("full-raw=%v", raw))
+		st, err := writeFile(p, writeSpec{mem: mem, state: fakeState(testMem), raw: raw})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Pages != len(data) {
+			t.Errorf("raw=%v: %d pages stored, want %d", raw, st.Pages, len(data))
+		}
+		paths = append(paths, p)
+	}
+	// Before anything reads the memory to compare it.
+	res := guestmem.Resident(host)
+	if res == nil {
+		t.Fatal("no resident map of an anonymous mapping")
+	}
+	for pg := 0; pg < testMem/pageSize; pg++ {
+		if res[pg/64]&(1<<(pg%64)) != 0 && !touched[pg] {
+			t.Fatalf("the snapshots read page %d, which the guest never touched", pg)
+		}
+	}
+	for _, p := range paths {
+		img, err := ImageOf([]*Snapshot{open(t, p)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sameMem(t, p, mem, img)
 	}
 }

@@ -1,4 +1,4 @@
-package migrate
+package guestmem
 
 import (
 	"bufio"
@@ -9,14 +9,14 @@ import (
 	"unsafe"
 )
 
-// Round 0 need not read guest RAM the guest never touched: in a private
-// anonymous mapping a page that is neither present nor swapped reads as
-// zero. /proc/self/pagemap tells both bits for 8 bytes a page, so a
-// mostly empty 1 GiB guest is skipped for a 2 MiB read instead of a 1 GiB
-// zero scan. Only private anonymous memory qualifies: a page of a file
-// mapping (a lazily restored snapshot image) or of shared memory may hold
-// data without being mapped here, so any other mapping in the range
-// turns the shortcut off.
+// A migration's first round and a full snapshot need not read guest RAM
+// the guest never touched: in a private anonymous mapping a page that is
+// neither present nor swapped reads as zero. /proc/self/pagemap tells
+// both bits for 8 bytes a page, so a mostly empty 1 GiB guest is skipped
+// for a 2 MiB read instead of a 1 GiB zero scan. Only private anonymous
+// memory qualifies: a page of a file mapping (a lazily restored snapshot
+// image) or of shared memory may hold data without being mapped here, so
+// any other mapping in the range turns the shortcut off.
 
 // pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
 const (
@@ -24,11 +24,12 @@ const (
 	pmSwapped = 1 << 62
 )
 
-// residentPages returns a bitmap of the pages of host that may hold data
-// (present or swapped), or nil when that cannot be known (then every
-// page is a candidate).
-func residentPages(host []byte) []uint64 {
-	if len(host) == 0 || len(host)%pageSize != 0 {
+// Resident returns a bitmap of the pages of host (a region's backing) that
+// may hold data, present or swapped, bit i%64 of word i/64 for page i; or
+// nil when that cannot be known (then every page may). The caller keeps
+// the memory still while it uses the answer (a paused machine).
+func Resident(host []byte) []uint64 {
+	if len(host) == 0 || len(host)%PageSize != 0 {
 		return nil
 	}
 	start := uintptr(unsafe.Pointer(&host[0]))
@@ -41,12 +42,12 @@ func residentPages(host []byte) []uint64 {
 		return nil
 	}
 	defer f.Close()
-	n := len(host) / pageSize
+	n := len(host) / PageSize
 	out := make([]uint64, (n+63)/64)
 	buf := make([]byte, 8*4096)
 	for i := 0; i < n; {
 		k := min(n-i, len(buf)/8)
-		off := int64(start/pageSize+uintptr(i)) * 8
+		off := int64(start/PageSize+uintptr(i)) * 8
 		if _, err := f.ReadAt(buf[:8*k], off); err != nil {
 			return nil
 		}

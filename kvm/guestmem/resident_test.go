@@ -1,6 +1,7 @@
-package migrate
+package guestmem
 
 import (
+	"math/bits"
 	"os"
 	"testing"
 	"unsafe"
@@ -16,11 +17,11 @@ func TestResidentPages(t *testing.T) {
 	}
 	defer unix.Munmap(m)
 	unix.Madvise(m, unix.MADV_NOHUGEPAGE)
-	touched := []int{0, 1, 100, 5000, size/pageSize - 1}
+	touched := []int{0, 1, 100, 5000, size/PageSize - 1}
 	for _, p := range touched {
-		m[p*pageSize+7] = 1
+		m[p*PageSize+7] = 1
 	}
-	bm := residentPages(m)
+	bm := Resident(m)
 	if bm == nil {
 		t.Fatal("no map of an anonymous mapping")
 	}
@@ -29,8 +30,8 @@ func TestResidentPages(t *testing.T) {
 			t.Errorf("touched page %d not resident", p)
 		}
 	}
-	if n := countBits([][]uint64{bm}); n > size/pageSize/2 {
-		t.Errorf("%d of %d pages resident after touching %d", n, size/pageSize, len(touched))
+	if n := popcount(bm); n > size/PageSize/2 {
+		t.Errorf("%d of %d pages resident after touching %d", n, size/PageSize, len(touched))
 	}
 	// A file mapping never qualifies: its pages hold data unmapped.
 	f, err := os.CreateTemp(t.TempDir(), "img")
@@ -43,14 +44,22 @@ func TestResidentPages(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Munmap(fm)
-	if residentPages(fm) != nil {
+	if Resident(fm) != nil {
 		t.Error("a file mapping qualified")
 	}
 	// Nor does an anonymous range with a file mapped over part of it.
-	if _, err := unix.MmapPtr(int(f.Fd()), 0, unsafe.Pointer(&m[8*pageSize]), 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_FIXED); err != nil {
+	if _, err := unix.MmapPtr(int(f.Fd()), 0, unsafe.Pointer(&m[8*PageSize]), 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_FIXED); err != nil {
 		t.Fatal(err)
 	}
-	if residentPages(m) != nil {
+	if Resident(m) != nil {
 		t.Error("a range with a file mapped into it qualified")
 	}
+}
+
+func popcount(bm []uint64) int {
+	n := 0
+	for _, w := range bm {
+		n += bits.OnesCount64(w)
+	}
+	return n
 }
