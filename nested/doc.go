@@ -64,8 +64,14 @@
 //
 // # Post-mortem
 //
-// Now and then L1 stops answering with both vCPUs busy in TCG (seen about
-// once in 8-40 L2 boots; not yet explained). Before killing such an L1 the
+// L1 used to stop answering now and then with both vCPUs busy in TCG
+// (about once in 8-40 L2 boots). The post-mortem below explained it: both
+// vCPUs at __schedule+0x2ab, the site of the static key KVM flips when the
+// first VM appears and the last one goes away; QEMU's multi-threaded TCG
+// livelocked on that cross-vCPU text patching. L1's init now holds one
+// idle VM for L1's life (HoldKVM), so no L2 start or end patches text: in
+// stress runs of 300 workload-guest boots per L1, 4 of 7 L1s hung without
+// the holder and none of 9 with it. Before killing an L1 that hangs the
 // Host asks QEMU's monitor (a Unix socket, -monitor) for every vCPU's
 // registers, three samples apart, and names each instruction pointer from
 // L1's kallsyms (copied beside the kernel at the first boot; L1 boots with

@@ -42,7 +42,9 @@
 //	         SHA-256 truncated to 128 bits
 //
 // A full snapshot records every non-zero page; zero pages are omitted (a
-// restore starts from zeroed RAM). An incremental snapshot records only
+// restore starts from zeroed RAM). Pages the guest never touched
+// (guestmem.Resident: not mapped in private anonymous RAM) are known zero
+// and not even read. An incremental snapshot records only
 // the pages dirtied since its parent (KVM's dirty log of every slot merged
 // with the VMM's own write log, guestmem), and names its parent by ID:
 // SHA-256(state section ‖ index section ‖ parent ID). The index holds every
