@@ -71,7 +71,7 @@
 // livelocked on that cross-vCPU text patching. L1's init now holds one
 // idle VM for L1's life (HoldKVM), so no L2 start or end patches text: in
 // stress runs of 300 workload-guest boots per L1, 4 of 7 L1s hung without
-// the holder and none of 9 with it. Before killing an L1 that hangs the
+// the holder and none of 7 with it. Before killing an L1 that hangs the
 // Host asks QEMU's monitor (a Unix socket, -monitor) for every vCPU's
 // registers, three samples apart, and names each instruction pointer from
 // L1's kallsyms (copied beside the kernel at the first boot; L1 boots with
