@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -77,7 +78,7 @@ func TestRootFiles(t *testing.T) {
 	init, tab := files["init"], files["etc/inittab"]
 	for _, want := range []string{
 		"#!/bin/sh\n",
-		`echo "Collective appliance: Linux $(uname -r), $(nproc) CPUs"`,
+		`echo "Collective appliance: Linux $(uname -r), $(nproc) CPUs, up $(cut -d' ' -f1 /proc/uptime) s"`,
 		"mount -t proc", "mount -t sysfs", "mount -t devtmpfs",
 		"insmod /lib/modules/6.1.0-57-amd64/$m",
 		"ifconfig lo", "udhcpc -i eth0",
@@ -117,7 +118,7 @@ func TestRootFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.HasPrefix(string(out), BannerPrefix) || !strings.HasSuffix(string(out), " CPUs\n") {
+	if !strings.HasPrefix(string(out), BannerPrefix) || !regexp.MustCompile(` CPUs, up [0-9]+\.[0-9]+ s\n$`).MatchString(string(out)) {
 		t.Errorf("banner %q", out)
 	}
 }
