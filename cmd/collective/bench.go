@@ -105,6 +105,20 @@ func benchCmd(args []string) int {
 	return 0
 }
 
+// inTurn runs a then b in even rounds and b then a in odd ones, so that
+// neither peer of a benchmark always runs right after the other: a run
+// can inherit the host's state (page reclaim, writeback, a warm cache) of
+// the run before it. It stops at the first error.
+func inTurn(round int, a, b func() error) error {
+	if round%2 == 1 {
+		a, b = b, a
+	}
+	if err := a(); err != nil {
+		return err
+	}
+	return b()
+}
+
 func median(xs []float64) float64 {
 	s := slices.Clone(xs)
 	slices.Sort(s)

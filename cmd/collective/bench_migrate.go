@@ -74,19 +74,31 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 				continue
 			}
 			var ours, q []migResult
-			for i := 0; i < n; i++ {
+			runOurs := func() error {
 				r, err := retry("collective", func() (migResult, error) { return migrateOurs(self, elf, load.cmdline, mem, nil, nil) })
 				if err != nil {
 					return fmt.Errorf("collective %d MiB %s: %w", mem, load.name, err)
 				}
 				r.Mem, r.Load = mem, load.name
 				ours = append(ours, r)
+				return nil
+			}
+			runQEMU := func() error {
 				qr, err := retry("qemu", func() (migResult, error) { return migrateQEMU(elf, load.cmdline, mem, nil) })
 				if err != nil {
 					return fmt.Errorf("qemu %d MiB %s: %w", mem, load.name, err)
 				}
 				qr.Mem, qr.Load = mem, load.name
 				q = append(q, qr)
+				return nil
+			}
+			for i := 0; i < n; i++ {
+				// The VMMs take turns going first: a run can inherit
+				// the host's state (page reclaim, writeback) of the
+				// run before it.
+				if err := inTurn(i, runOurs, runQEMU); err != nil {
+					return err
+				}
 			}
 			rawRows(name, ours, q)
 			o, qm := medianResult(ours), medianResult(q)

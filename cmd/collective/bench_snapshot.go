@@ -54,22 +54,33 @@ func benchSnapshot(_ []peer, elf string, runs, _ int) error {
 			cells = append(cells, &cell{memMiB: memMiB, load: load})
 		}
 	}
-	rounds := max(3, runs/3)
+	rounds := max(4, runs/3)
+	rounds += rounds % 2 // as many rounds with each VMM first
 	for i := 0; i < rounds; i++ {
 		for _, c := range cells {
 			cmdline := "spin"
 			if c.load == "25%" {
 				cmdline = fmt.Sprintf("dirty %dM 0 0", c.memMiB/4)
 			}
-			ours, err := benchOurs(self, elf, cmdline, c.memMiB, dir)
+			// The VMMs take turns going first (see inTurn).
+			err := inTurn(i, func() error {
+				ours, err := benchOurs(self, elf, cmdline, c.memMiB, dir)
+				if err != nil {
+					return fmt.Errorf("collective %d MiB %s: %w", c.memMiB, c.load, err)
+				}
+				c.ours = append(c.ours, ours)
+				return nil
+			}, func() error {
+				q, err := benchQEMU(elf, cmdline, c.memMiB, dir)
+				if err != nil {
+					return fmt.Errorf("qemu %d MiB %s: %w", c.memMiB, c.load, err)
+				}
+				c.qemu = append(c.qemu, q)
+				return nil
+			})
 			if err != nil {
-				return fmt.Errorf("collective %d MiB %s: %w", c.memMiB, c.load, err)
+				return err
 			}
-			q, err := benchQEMU(elf, cmdline, c.memMiB, dir)
-			if err != nil {
-				return fmt.Errorf("qemu %d MiB %s: %w", c.memMiB, c.load, err)
-			}
-			c.ours, c.qemu = append(c.ours, ours), append(c.qemu, q)
 		}
 	}
 	ms := func(d float64) string { return fmt.Sprintf("%.1f", d*1000) }
