@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The README's test command (make test) minus fuzzing: go vet, then every
 # package's tests. The nested-world packages (real Linux under QEMU TCG with
-# emulated SVM) run last, and a test of theirs that fails is run once more:
-# QEMU's nested SVM sometimes hangs L1 or an L2 for good (DESIGN.md: once in
-# 37 runs; seen here about once in 10-20 L2 boots), and one L1 serves about
-# a dozen L2 boots. A test that fails twice fails the run. Every retry is
-# printed with the first failure's output.
+# emulated SVM) run last, and a test of theirs that fails is run once more.
+# The retry was for L1 hanging for good (once in 10-40 L2 boots), whose
+# cause has since been removed (KVM's kernel-text patching as L2 machines
+# came and went, which QEMU's multi-threaded TCG livelocked on;
+# nested.HoldKVM); it stays as a safety net. A test that fails twice fails
+# the run. Every retry is printed with the first failure's output.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 go=${GO:-go}
