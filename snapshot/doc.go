@@ -34,8 +34,11 @@
 //	  16 u64 zero mask: bit i = page i is zero (incremental only: the page
 //	         was dirtied and is now zero)
 //	  24 u64 payload offset in the data section
-//	  32 u32 payload length, u32 encoding (0 plain pages, 1 lz4 block,
-//	         2 image: pages at their place in the raw image)
+//	  32 u32 payload length, u32 encoding (0 plain pages, 1 lz4 block
+//	         (written up to 1.1.0), 2 image: pages at their place in the
+//	         raw image, 3 lz4 groups (since 1.2.0): the stored pages in
+//	         groups of 16 (the last may be shorter), each a u32 length
+//	         and an lz4 block of exactly its pages)
 //	  40 u32 payload CRC (over the stored bytes; for an image, over the
 //	         chunk's whole span, zero pages included), u32 reserved (0)
 //	  48 [16]u8 × popcount(data mask): each stored page's content hash,

@@ -19,10 +19,10 @@ import (
 )
 
 // FormatVersion is the version of the file format this package writes.
-const FormatVersion = "1.1.0"
+const FormatVersion = "1.2.0"
 
 const (
-	formatMajor, formatMinor, formatPatch = 1, 1, 0
+	formatMajor, formatMinor, formatPatch = 1, 2, 0
 
 	magic      = "CLVSNAP\n"
 	headerSize = 128
@@ -51,9 +51,16 @@ const flagRawImage = 1
 // Payload encodings.
 const (
 	encPlain = 0
-	encLZ4   = 1
+	encLZ4   = 1 // one lz4 block (written up to format 1.1)
 	encImage = 2
+	// encLZ4Groups (format 1.2): the data pages in groups of groupPages,
+	// each a u32 length and an lz4 block. Go's lz4 compresses blocks of
+	// at most 64 KiB about a fifth faster than one 256 KiB block.
+	encLZ4Groups = 3
 )
+
+// groupPages is the number of pages per lz4 block of encLZ4Groups.
+const groupPages = 16
 
 // Errors callers branch on.
 var (
@@ -467,6 +474,7 @@ func (s *Snapshot) parseIndex(ib []byte) error {
 			switch {
 			case c.enc == encPlain && uint64(c.length) == plain:
 			case c.enc == encLZ4 && c.length > 0 && uint64(c.length) < plain:
+			case c.enc == encLZ4Groups && uint64(c.length) >= 4*uint64(groups(n)) && uint64(c.length) < plain:
 			default:
 				return formatErr(off, "chunk at GPA %#x: payload of %d bytes, encoding %d, for %d pages", c.gpa, c.length, c.enc, n)
 			}
@@ -503,3 +511,6 @@ func pageHash(dst, page []byte) {
 	sum := sha256.Sum256(page)
 	copy(dst, sum[:HashSize])
 }
+
+// groups returns the number of lz4 blocks of encLZ4Groups for n pages.
+func groups(n int) int { return (n + groupPages - 1) / groupPages }

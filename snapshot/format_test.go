@@ -17,6 +17,7 @@ import (
 	"collective/kvm/guestmem"
 	"collective/machine"
 
+	"github.com/pierrec/lz4/v4"
 	"golang.org/x/sys/unix"
 )
 
@@ -247,7 +248,7 @@ func TestVersionRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	good, _ := os.ReadFile(p)
-	for _, v := range [][3]uint16{{2, 0, 0}, {1, 2, 0}, {0, 9, 0}} {
+	for _, v := range [][3]uint16{{2, 0, 0}, {1, 3, 0}, {0, 9, 0}} {
 		bad := bytes.Clone(good)
 		binary.LittleEndian.PutUint16(bad[8:], v[0])
 		binary.LittleEndian.PutUint16(bad[10:], v[1])
@@ -262,7 +263,7 @@ func TestVersionRefused(t *testing.T) {
 	binary.LittleEndian.PutUint16(ok[12:], 9)
 	binary.LittleEndian.PutUint32(ok[124:], crc(ok[:124]))
 	if _, err := Decode(bytes.NewReader(ok), int64(len(ok))); err != nil {
-		t.Errorf("patch version 1.1.9: %v", err)
+		t.Errorf("patch version 1.2.9: %v", err)
 	}
 }
 
@@ -348,5 +349,53 @@ func TestFullSkipsUntouched(t *testing.T) {
 			t.Fatal(err)
 		}
 		sameMem(t, p, mem, img)
+	}
+}
+
+// TestLZ4Groups: a chunk's pages in groups of lz4 blocks (format 1.2)
+// decode back exactly, and every malformed group list is refused.
+func TestLZ4Groups(t *testing.T) {
+	const pages = 40 // groups of 16, 16 and 8
+	plain := make([]byte, pages*pageSize)
+	for i := range plain {
+		plain[i] = byte(i / 64)
+	}
+	var c lz4.Compressor
+	dst := make([]byte, lz4.CompressBlockBound(len(plain))+4*groups(pages))
+	n, ok := compressGroups(&c, plain, dst)
+	if !ok {
+		t.Fatal("compressible pages did not compress")
+	}
+	p := dst[:n]
+	out := make([]byte, len(plain))
+	if k, err := uncompressGroups(p, out); err != nil || k != len(plain) || !bytes.Equal(out, plain) {
+		t.Fatalf("round trip: %d bytes, %v", k, err)
+	}
+	first := binary.LittleEndian.Uint32(p)
+	bad := map[string][]byte{
+		"truncated":        p[:len(p)-1],
+		"no last group":    p[:4+first],
+		"trailing byte":    append(bytes.Clone(p), 0),
+		"length too large": func() []byte { q := bytes.Clone(p); binary.LittleEndian.PutUint32(q, uint32(len(q))); return q }(),
+		"empty":            nil,
+	}
+	for what, q := range bad {
+		if _, err := uncompressGroups(q, make([]byte, len(plain))); err == nil {
+			t.Errorf("%s: accepted", what)
+		}
+	}
+	// The first group alone is the payload of 16 pages, not of 17.
+	if _, err := uncompressGroups(p[:4+first], make([]byte, 17*pageSize)); err == nil {
+		t.Error("one group for 17 pages: accepted")
+	}
+	if _, err := uncompressGroups(p[:4+first], make([]byte, 16*pageSize)); err != nil {
+		t.Errorf("one group for 16 pages: %v", err)
+	}
+	// A group that decodes to fewer pages than its place needs.
+	short := make([]byte, 4, 4+lz4.CompressBlockBound(pageSize))
+	k, _ := c.CompressBlock(plain[:pageSize], short[4:cap(short)])
+	binary.LittleEndian.PutUint32(short, uint32(k))
+	if _, err := uncompressGroups(short[:4+k], make([]byte, 2*pageSize)); err == nil {
+		t.Error("a group of 1 page for 2 pages: accepted")
 	}
 }

@@ -2,6 +2,7 @@ package snapshot
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/bits"
@@ -235,7 +236,7 @@ func (s *Snapshot) applyChunk(c *chunk, regs []*guestmem.Region, payload, plain 
 			}
 		}
 		return nread, nil
-	case encPlain, encLZ4:
+	case encPlain, encLZ4, encLZ4Groups:
 		p := payload[:c.length]
 		if _, err := s.r.ReadAt(p, dataOff); err != nil {
 			return 0, fmt.Errorf("snapshot: %s: reading the payload of GPA %#x: %w", name(s), c.gpa, err)
@@ -264,7 +265,13 @@ func (s *Snapshot) applyChunk(c *chunk, regs []*guestmem.Region, payload, plain 
 			if !contiguous {
 				dst = plain[:n*pageSize]
 			}
-			k, err := lz4.UncompressBlock(p, dst)
+			var k int
+			var err error
+			if c.enc == encLZ4 {
+				k, err = lz4.UncompressBlock(p, dst)
+			} else {
+				k, err = uncompressGroups(p, dst)
+			}
 			if err != nil || k != n*pageSize {
 				return 0, formatErr(dataOff, "%s: lz4 payload at GPA %#x decodes to %d bytes, want %d (%v)", name(s), c.gpa, k, n*pageSize, err)
 			}
@@ -305,6 +312,37 @@ func (s *Snapshot) applyChunk(c *chunk, regs []*guestmem.Region, payload, plain 
 		clear(host[lo : lo+pageSize])
 	}
 	return nread, nil
+}
+
+// uncompressGroups decodes an encLZ4Groups payload into dst, whose length
+// is the pages' size: every group but the last must decode to exactly
+// groupPages pages, and the payload must end with the last group.
+func uncompressGroups(p, dst []byte) (int, error) {
+	k := 0
+	for len(dst)-k > 0 {
+		if len(p) < 4 {
+			return k, errors.New("truncated group length")
+		}
+		n := binary.LittleEndian.Uint32(p)
+		p = p[4:]
+		if uint64(n) > uint64(len(p)) {
+			return k, fmt.Errorf("group of %d bytes in %d", n, len(p))
+		}
+		want := min(len(dst)-k, groupPages*pageSize)
+		got, err := lz4.UncompressBlock(p[:n], dst[k:k+want])
+		if err != nil {
+			return k, err
+		}
+		if got != want {
+			return k + got, fmt.Errorf("group decodes to %d bytes, want %d", got, want)
+		}
+		p = p[n:]
+		k += want
+	}
+	if len(p) != 0 {
+		return k, fmt.Errorf("%d bytes after the last group", len(p))
+	}
+	return k, nil
 }
 
 func (s *Snapshot) checkHash(c *chunk, k int, page []byte) error {

@@ -3,6 +3,7 @@ package snapshot
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"hash/crc32"
@@ -206,7 +207,7 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 			if !sp.raw {
 				bufs = make([][]byte, inFlight+2)
 				for i := range bufs {
-					bufs[i] = make([]byte, lz4.CompressBlockBound(chunkBytes)+chunkBytes)
+					bufs[i] = make([]byte, chunkBytes+lz4.CompressBlockBound(chunkBytes)+4*ChunkPages/groupPages)
 				}
 			}
 			for k, i := 0, w; i < len(ws); k, i = k+1, i+nw {
@@ -396,15 +397,38 @@ func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4
 	// (lz4 itself skips quickly over data it cannot compress, about 8 GB/s
 	// here, so there is no sample to take first).
 	dst := buf[chunkBytes:]
-	k, err := c.CompressBlock(plain, dst)
-	if err == nil && k > 0 && k <= len(plain)-len(plain)/8 {
-		r.c.enc, r.payload = encLZ4, dst[:k]
+	k, ok := compressGroups(c, plain, dst)
+	if ok && k <= len(plain)-len(plain)/8 {
+		r.c.enc, r.payload = encLZ4Groups, dst[:k]
 	} else {
 		r.c.enc, r.payload = encPlain, plain
 	}
 	r.c.length = uint32(len(r.payload))
 	r.c.crc = crc(r.payload)
 	return r
+}
+
+// compressGroups writes plain's pages into dst as encLZ4Groups: groups of
+// groupPages pages, each a u32 length and an lz4 block. It reports false
+// when a group does not compress (lz4 then writes nothing) or dst is too
+// small; dst needs lz4.CompressBlockBound(len(plain)) bytes plus 4 per
+// group.
+func compressGroups(c *lz4.Compressor, plain, dst []byte) (int, bool) {
+	k := 0
+	for len(plain) > 0 {
+		g := plain[:min(len(plain), groupPages*pageSize)]
+		plain = plain[len(g):]
+		if len(dst)-k < 4 {
+			return 0, false
+		}
+		n, err := c.CompressBlock(g, dst[k+4:])
+		if err != nil || n == 0 {
+			return 0, false
+		}
+		binary.LittleEndian.PutUint32(dst[k:], uint32(n))
+		k += 4 + n
+	}
+	return k, true
 }
 
 // zeroPageCRC()[k][b] is the CRC-32C register's change from byte b in
