@@ -121,7 +121,7 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 	}
 
 	if len(rows) > 0 {
-		table(fmt.Sprintf("(e) live migration over loopback, workload guest, ours vs QEMU 7.2 microvm (downtime limit 50 ms, no bandwidth cap); median of %d interleaved runs, ratios the median of the runs' ours/QEMU ratios.\n"+
+		table(fmt.Sprintf("(e) live migration over loopback, workload guest, ours vs QEMU 7.2 microvm (downtime limit 50 ms, no bandwidth cap); median of %d interleaved runs, ratios the median of ours/QEMU over runs in the same position (each VMM goes first in every other round).\n"+
 			"    downtime: ours from the pause to the target's resumed acknowledgement; QEMU's own figure (integer ms), from its stop to the last byte sent, not counting the target's load and start.\n"+
 			"    src-side: ours on QEMU's definition (pause to the last byte sent); its ratio is against QEMU's downtime. guest gap: the stall the guest itself saw (spin gaps, first line on the target), both VMMs", n),
 			[]string{"guest", "load", "total ms", "qemu", "ratio", "downtime ms", "qemu", "ratio", "src-side ms", "ratio", "guest gap ms", "qemu", "ratio", "wire MB", "qemu", "ratio", "wire/non-zero", "rounds", "qemu"}, rows)
@@ -302,18 +302,23 @@ func medianResult(rs []migResult) migResult {
 	return best
 }
 
-// pairRatio is the median of f(ours[i]) / f(qemu[i]) over the runs (0
-// when a QEMU figure is 0).
+// pairRatio is the median over position-matched pairs of runs of
+// f(ours) / f(qemu) (0 when no pair has both figures). The VMMs take
+// turns going first (inTurn), and on this host the position alone moves
+// a figure up to 3x (the run that goes second starts on memory the first
+// one just freed): so ours[i] is paired with qemu[i^1], the run of the
+// other round in which QEMU held the same position.
 func pairRatio(ours, q []migResult, f func(migResult) float64) float64 {
 	return pairRatio2(ours, q, f, f)
 }
 
-// pairRatio2 is pairRatio of f(ours[i]) / g(qemu[i]).
+// pairRatio2 is pairRatio of f(ours) / g(qemu).
 func pairRatio2(ours, q []migResult, f, g func(migResult) float64) float64 {
 	var xs []float64
 	for i := range ours {
-		if i < len(q) && g(q[i]) != 0 && f(ours[i]) != 0 {
-			xs = append(xs, f(ours[i])/g(q[i]))
+		j := i ^ 1
+		if j < len(q) && g(q[j]) != 0 && f(ours[i]) != 0 {
+			xs = append(xs, f(ours[i])/g(q[j]))
 		}
 	}
 	return median(xs)
