@@ -69,8 +69,7 @@
 // vCPUs at __schedule+0x2ab, the site of the static key KVM flips when the
 // first VM appears and the last one goes away; QEMU's multi-threaded TCG
 // livelocked on that cross-vCPU text patching. L1's init now holds one
-// idle VM for L1's life (HoldKVM), so no L2 start or end patches text, and
-// L1 boots on one CPU (maxcpus=1) until the holder has set the keys: in
+// idle VM for L1's life (HoldKVM), so no L2 start or end patches text: in
 // stress runs of 300 workload-guest boots per L1, 4 of 7 L1s hung without
 // the holder and none of 7 with it. Before killing an L1 that hangs the
 // Host asks QEMU's monitor (a Unix socket, -monitor) for every vCPU's
