@@ -282,10 +282,7 @@ func qemuArgs(opts Options, initrd, logSock, conSock, ctlSock, monSock string) [
 		"-monitor", "unix:" + monSock + ",server=on,wait=off",
 		"-no-reboot", "-no-user-config", "-nodefaults",
 		"-kernel", opts.Kernel.BzImage, "-initrd", initrd,
-		// maxcpus=1: L1 boots on one CPU and /init brings the others
-		// online once KVM's static keys are set (init.sh, HoldKVM), so
-		// that no kernel text is patched while another vCPU runs.
-		"-append", "console=ttyS0 quiet panic=-1 tsc=reliable maxcpus=1 " + l1NoKASLR,
+		"-append", "console=ttyS0 quiet panic=-1 tsc=reliable " + l1NoKASLR,
 		"-chardev", "socket,id=log,path=" + logSock, "-serial", "chardev:log",
 		"-device", "virtio-serial-pci,id=vs",
 		"-chardev", "socket,id=con,path=" + conSock, "-device", "virtconsole,bus=vs.0,chardev=con,name=nested.con",

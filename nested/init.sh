@@ -44,22 +44,8 @@ exec 3<>"$ctl" 4<>/dev/hvc0
 chmod 666 /dev/kvm
 # One idle VM held for L1's life, so that KVM does not rewrite kernel text
 # (static keys) each time an L2 machine starts or ends: under multi-threaded
-# TCG that patching livelocked L1 now and then (nested.HoldKVM). L1 boots
-# with maxcpus=1, so that the patching the holder itself causes (and the
-# module loads above) happen with one CPU online; the others come online
-# once the holder has its vCPU.
+# TCG that patching livelocked L1 now and then (nested.HoldKVM).
 /bin/collective-tools nested --hold-kvm </dev/null >/dev/ttyS0 2>&1 &
-holder=$!
-for i in $(seq 200); do
-	ls -l /proc/$holder/fd 2>/dev/null | grep -q 'kvm-vcpu' && break
-	sleep 0.05
-done
-ls -l /proc/$holder/fd 2>/dev/null | grep -q 'kvm-vcpu' ||
-	printf 'nested: the KVM holder has no vCPU after 10 s\n' >/dev/ttyS0
-for c in /sys/devices/system/cpu/cpu[0-9]*/online; do
-	[ "$(cat "$c")" = 1 ] || echo 1 >"$c" ||
-		printf 'nested: cannot bring %s online\n' "$c" >/dev/ttyS0
-done
 workdir=/
 if [ -e /etc/nested/share ]; then
 	if mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 host /host 2>/tmp/mount.err; then
