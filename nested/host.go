@@ -401,7 +401,10 @@ func boot(ctx context.Context, qemu, dir, initrd string, opts Options) (*Host, e
 	case failed != "":
 		return fail(fmt.Errorf("L1 failed: %s", failed))
 	case err != nil:
-		return fail(fmt.Errorf("L1 did not become ready after %s: %w", time.Since(start).Round(time.Millisecond), err))
+		// The same post-mortem as for an L1 that stops answering later.
+		took := time.Since(start).Round(time.Millisecond)
+		return fail(fmt.Errorf("L1 did not become ready after %s: %w\nL1 console (tail):\n%s\nL1's vCPUs (QEMU monitor):\n%s",
+			took, err, h.ConsoleTail(), h.diagnose()))
 	}
 	h.BootTime = time.Since(start)
 	if len(fields) > 0 {

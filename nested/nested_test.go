@@ -216,3 +216,22 @@ func TestSymbolize(t *testing.T) {
 		}
 	}
 }
+
+// TestBootTimeoutPostMortem: an L1 that does not become ready in time is
+// killed with the same post-mortem as one that stops answering later
+// (here: a boot timeout far too short for L1 to finish booting).
+func TestBootTimeoutPostMortem(t *testing.T) {
+	if testing.Short() {
+		t.Skip("skipped under -short: boots the nested test host")
+	}
+	Require(t)
+	_, err := Start(context.Background(), Options{BootTimeout: 4 * time.Second, Logf: t.Logf})
+	if err == nil {
+		t.Fatal("L1 became ready within 4 s; the test needs a slower boot")
+	}
+	if !strings.Contains(err.Error(), "did not become ready") || !strings.Contains(err.Error(), "L1's vCPUs (QEMU monitor)") ||
+		!regexp.MustCompile(`sample 0: [0-9a-f]{16}`).MatchString(err.Error()) {
+		t.Errorf("no post-mortem in the error:\n%v", err)
+	}
+	t.Logf("%s", regexp.MustCompile(`sample 0: .*`).FindString(err.Error()))
+}
