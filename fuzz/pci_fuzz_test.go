@@ -218,9 +218,16 @@ func FuzzPCIConfig(f *testing.F) {
 			c.Read(pci.RegCommand, cmd[:])
 			c.Write(pci.RegCommand, cmd[:])
 		}
+		// Every BAR of the restored bus decodes where its registers say,
+		// or is refused because another window is there (check). Which
+		// of two overlapping BARs holds the range depends on the order
+		// they were mapped in, which a restore in slot order does not
+		// replay; a BAR mapped on both buses is at the same address.
+		r2.check(t, ids)
 		for slot, c := range r.funcs {
 			for i := range pci.NumBARs {
-				if got, want := r2.funcs[slot].BAR(i), c.BAR(i); got != want {
+				got, want := r2.funcs[slot].BAR(i), c.BAR(i)
+				if got != want && got != pci.Unmapped && want != pci.Unmapped {
 					t.Fatalf("slot %d BAR %d restored at %#x, was at %#x", slot, i, got, want)
 				}
 			}
