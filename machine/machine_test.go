@@ -13,7 +13,6 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
-	"collective/guest"
 	"collective/internal/testenv"
 	"collective/kvm/boot"
 )
@@ -38,12 +37,7 @@ func (s *syncBuffer) String() string {
 
 func guestELF(t *testing.T) string {
 	t.Helper()
-	testenv.RequireKVM(t)
-	testenv.RequireCommand(t, "gcc")
-	p, err := guest.Build()
-	if err != nil {
-		t.Fatalf("building the workload guest: %v", err)
-	}
+	p := testenv.WorkloadGuest(t)
 	return p
 }
 

@@ -15,7 +15,6 @@ import (
 
 	"collective/api"
 	"collective/devices/virtioblk/cow"
-	"collective/guest"
 	"collective/internal/testenv"
 	"collective/migrate"
 )
@@ -88,12 +87,7 @@ type diskSetup struct {
 
 func startDiskPair(t *testing.T, cmdline string, ds diskSetup) (src, tgt *proc, sock, addr string) {
 	t.Helper()
-	testenv.RequireKVM(t)
-	testenv.RequireCommand(t, "gcc")
-	elf, err := guest.Build()
-	if err != nil {
-		t.Fatal(err)
-	}
+	elf := testenv.WorkloadGuest(t)
 	sock = filepath.Join(t.TempDir(), "src.sock")
 	addr = freeAddr(t)
 	tgt = start(t, append([]string{"run", "--incoming", addr, "--disk", ds.tgtDisk}, ds.tgtArgs...)...)

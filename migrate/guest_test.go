@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"collective/api"
-	"collective/guest"
 	"collective/internal/testenv"
 )
 
@@ -150,12 +149,7 @@ func startPair(t *testing.T, cmdline, mem string, srcArgs ...string) (src, tgt *
 // the source.
 func startPairTarget(t *testing.T, cmdline, mem string, tgtArgs []string, srcArgs ...string) (src, tgt *proc, sock, addr string) {
 	t.Helper()
-	testenv.RequireKVM(t)
-	testenv.RequireCommand(t, "gcc")
-	elf, err := guest.Build()
-	if err != nil {
-		t.Fatal(err)
-	}
+	elf := testenv.WorkloadGuest(t)
 	dir := t.TempDir()
 	sock = filepath.Join(dir, "src.sock")
 	addr = freeAddr(t)

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"collective/devices/virtioblk/cow"
-	"collective/guest"
 	"collective/internal/testenv"
 	"collective/machine"
 )
@@ -75,13 +74,9 @@ type blkRun struct {
 
 func startBlkGuest(t *testing.T, cmdline, disk string) *blkRun {
 	t.Helper()
-	testenv.RequireKVM(t)
-	testenv.RequireCommand(t, "gcc")
-	elf, err := guest.Build()
-	if err != nil {
-		t.Fatal(err)
-	}
+	elf := testenv.WorkloadGuest(t)
 	r := &blkRun{console: &syncBuffer{}, done: make(chan machine.Exit, 1)}
+	var err error
 	r.m, err = machine.New(machine.Config{Kernel: elf, Cmdline: cmdline, MemSize: 128 << 20, CPUs: 1, Console: r.console, Disks: []string{disk}})
 	if err != nil {
 		t.Fatal(err)

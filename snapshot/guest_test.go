@@ -41,13 +41,9 @@ type running struct {
 
 func startGuest(t *testing.T, cmdline string, mem uint64) *running {
 	t.Helper()
-	testenv.RequireKVM(t)
-	testenv.RequireCommand(t, "gcc")
-	elf, err := guest.Build()
-	if err != nil {
-		t.Fatal(err)
-	}
+	elf := testenv.WorkloadGuest(t)
 	r := &running{console: &syncBuffer{}, done: make(chan machine.Exit, 1)}
+	var err error
 	r.m, err = machine.New(machine.Config{Kernel: elf, Cmdline: cmdline, MemSize: mem, CPUs: 1, Console: r.console})
 	if err != nil {
 		t.Fatal(err)

@@ -13,7 +13,6 @@ import (
 	"syscall"
 	"testing"
 
-	"collective/guest"
 	"collective/internal/testenv"
 )
 
@@ -207,11 +206,5 @@ func TestParseSize(t *testing.T) {
 // the command: the preamble of every test that runs a guest through it.
 func guestAndBinary(t *testing.T) (elf, bin string) {
 	t.Helper()
-	testenv.RequireKVM(t)
-	testenv.RequireCommand(t, "gcc")
-	elf, err := guest.Build()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return elf, binary(t)
+	return testenv.WorkloadGuest(t), binary(t)
 }

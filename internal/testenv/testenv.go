@@ -5,6 +5,7 @@
 package testenv
 
 import (
+	"collective/guest"
 	"os"
 	"os/exec"
 	"strconv"
@@ -66,4 +67,18 @@ func RequireNetNS(t testing.TB) string {
 	}
 	exec.Command(ip, "netns", "del", probe).Run()
 	return ip
+}
+
+// WorkloadGuest requires KVM and gcc (skipping t, or failing it under
+// CI=true, without them), builds the workload guest and returns its ELF:
+// the preamble of every test that runs the guest.
+func WorkloadGuest(t testing.TB) string {
+	t.Helper()
+	RequireKVM(t)
+	RequireCommand(t, "gcc")
+	elf, err := guest.Build()
+	if err != nil {
+		t.Fatalf("building the workload guest: %v", err)
+	}
+	return elf
 }
