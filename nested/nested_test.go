@@ -203,20 +203,6 @@ func TestDiagnose(t *testing.T) {
 	t.Logf("%s", first)
 }
 
-func TestSymbolize(t *testing.T) {
-	syms := []symbol{{0xffffffff81000000, "_stext"}, {0xffffffff81000100, "native_safe_halt"}, {0xffffffff81000200, "next"}}
-	for _, tc := range []struct{ in, want string }{
-		{"ffffffff81000123", "ffffffff81000123(native_safe_halt+0x23)"},
-		{"ffffffff81000000", "ffffffff81000000(_stext+0x0)"},
-		{"0000000000001000", "0000000000001000"},
-		{"zz", "zz"},
-	} {
-		if got := symbolize(syms, tc.in); got != tc.want {
-			t.Errorf("symbolize(%s) = %s, want %s", tc.in, got, tc.want)
-		}
-	}
-}
-
 // TestBootTimeoutPostMortem: an L1 that does not become ready in time is
 // killed with the same post-mortem as one that stops answering later
 // (here: a boot timeout far too short for L1 to finish booting).
