@@ -34,6 +34,7 @@ import (
 	"sync"
 	"time"
 
+	"collective/kvm"
 	"collective/machine"
 	"collective/snapshot"
 )
@@ -142,6 +143,8 @@ func (s *Server) handle(r *request) answer {
 		method, f = "POST", s.resume
 	case "/snapshot":
 		method, f = "POST", s.snapshot
+	case "/vcpus":
+		method, f = "GET", func(*request) (any, error) { return s.VCPUs() }
 	case "/migrate":
 		return s.migrateHandler(r)
 	case "/migrate/status":
@@ -237,6 +240,23 @@ func (s *Server) pause(r *request) (any, error) {
 	}
 	s.m.Pause()
 	return s.stateLocked(), nil
+}
+
+// VCPUs summarises the vCPUs (machine.VCPUBriefs) for the post-mortem of
+// a guest that stopped making progress. A running machine is paused for
+// the moment it takes; during a migration it is refused (409), so that it
+// never resumes a machine the migration paused.
+func (s *Server) VCPUs() ([]kvm.VCPUBrief, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st := s.stateLocked(); st.State == StateMigrating || st.State == StateMigrated {
+		return nil, fail(409, "the machine is %s", st.State)
+	}
+	b, err := s.m.VCPUBriefs()
+	if err != nil {
+		return nil, fail(500, "reading the vCPUs: %v", err)
+	}
+	return b, nil
 }
 
 func (s *Server) resume(r *request) (any, error) {

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"collective/kvm"
 	"collective/migrate"
 )
 
@@ -135,6 +136,12 @@ func (c *Client) State() (State, error) {
 func (c *Client) Pause() (State, error) {
 	var s State
 	return s, c.Do("POST", "/pause", nil, &s)
+}
+
+// VCPUs calls GET /vcpus.
+func (c *Client) VCPUs() ([]kvm.VCPUBrief, error) {
+	var b []kvm.VCPUBrief
+	return b, c.Do("GET", "/vcpus", nil, &b)
 }
 
 // Resume calls POST /resume.

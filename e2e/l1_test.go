@@ -253,7 +253,7 @@ func runDrives(t *testing.T, h *nested.Host, timeout time.Duration, script strin
 		t.Logf("%s: first prompt %.2f s, %d lines typed, then-command at %.2f s (status %d), VMM exited after %.2f s with status %d; console:\n%s",
 			name, r.rep.PromptMS/1000, len(r.rep.Sent), r.rep.ThenMS/1000, r.rep.ThenStatus, r.rep.EndMS/1000, r.rep.Status, r.console)
 		if r.rep.Error != "" || r.rep.TimedOut {
-			t.Fatalf("%s: linux-drive error %q, timed out %v; console:\n%s", name, r.rep.Error, r.rep.TimedOut, r.console)
+			t.Fatalf("%s: linux-drive error %q, timed out %v; console:\n%s", name, r.rep.Error, r.rep.TimedOut, named(h, r.console))
 		}
 		res[name] = r
 	}
@@ -271,4 +271,19 @@ func (r *driveResult) sentAll(t *testing.T, d drv) {
 	if len(r.rep.Sent) != len(d.lines) {
 		t.Fatalf("%s: typed %d of %d lines (no prompt came); console:\n%s", r.name, len(r.rep.Sent), len(d.lines), r.console)
 	}
+}
+
+var ripRe = regexp.MustCompile(`rip=0x([0-9a-f]+)`)
+
+// named returns console with the instruction pointers of the VMM's
+// vCPU briefs (printed when linux-drive timed out) named from the guest
+// kernel's symbols.
+func named(h *nested.Host, console string) string {
+	syms, err := h.KernelSymbols()
+	if err != nil || len(syms) == 0 {
+		return console
+	}
+	return ripRe.ReplaceAllStringFunc(console, func(m string) string {
+		return "rip=" + syms.Name(fmt.Sprintf("%016s", m[len("rip=0x"):]))
+	})
 }

@@ -78,7 +78,7 @@ func boot(t *testing.T, kernel, flags string, typeahead bool, lines ...string) (
 		t.Fatalf("bad report: %v; output:\n%s", err, out)
 	}
 	if rep.Error != "" || rep.TimedOut {
-		t.Fatalf("linux-drive: error %q, timed out %v; console:\n%s", rep.Error, rep.TimedOut, console)
+		t.Fatalf("linux-drive: error %q, timed out %v; console:\n%s", rep.Error, rep.TimedOut, named(h, console))
 	}
 	if rep.BannerMS < 0 {
 		t.Fatalf("no banner (%q) on the console:\n%s", image.BannerPrefix, console)

@@ -263,3 +263,26 @@ func parseVersion(s string) ([3]int, error) {
 	}
 	return v, nil
 }
+
+// VCPUBriefs summarises every vCPU for the post-mortem of a guest that
+// stopped making progress: it pauses the vCPUs if they run (which kicks
+// halted ones out of KVM_RUN), reads their state and resumes them.
+func (m *Machine) VCPUBriefs() ([]kvm.VCPUBrief, error) {
+	if !m.vm.Paused() {
+		m.vm.Pause()
+		defer m.vm.Resume()
+	}
+	msrs, err := m.sys.MSRIndexList()
+	if err != nil {
+		return nil, err
+	}
+	var out []kvm.VCPUBrief
+	for _, v := range m.vm.VCPUs() {
+		vs, err := v.State(msrs)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, vs.Brief())
+	}
+	return out, nil
+}

@@ -107,3 +107,35 @@ func TestSaveRestoreDirtyGuest(t *testing.T) {
 	}
 	t.Logf("before: %d verified lines; after restore:\n%s", strings.Count(before, "verified"), out)
 }
+
+// TestVCPUBriefs reads a running guest's vCPUs and leaves it running.
+func TestVCPUBriefs(t *testing.T) {
+	elf := guestELF(t)
+	var console syncBuffer
+	m, err := New(Config{Kernel: elf, Cmdline: "dirty 8M 0 1000", MemSize: 64 << 20, CPUs: 2, Console: &console})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	done := make(chan Exit, 1)
+	go func() { done <- m.Run(context.Background()) }()
+	defer func() { m.Stop(); <-done }()
+	waitFor(t, &console, "verified", 1, 30*time.Second)
+	b, err := m.VCPUBriefs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) != 2 || b[0].ID != 0 || b[1].ID != 1 || b[0].RIP == 0 || b[0].CR3 == 0 || b[0].MPState != "runnable" {
+		t.Fatalf("briefs of a 2-vCPU guest at work: %v", b)
+	}
+	if m.Paused() {
+		t.Fatal("VCPUBriefs left the machine paused")
+	}
+	n := strings.Count(console.String(), "verified")
+	waitFor(t, &console, "verified", n+1, 30*time.Second)
+	m.VM().Pause()
+	if _, err := m.VCPUBriefs(); err != nil || !m.Paused() {
+		t.Fatalf("on a paused machine: %v, paused %v", err, m.Paused())
+	}
+	t.Logf("%s\n%s", b[0], b[1])
+}

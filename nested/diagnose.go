@@ -44,3 +44,11 @@ func (h *Host) diagnose() string {
 	syms, _ := qemumon.LoadSymbols(h.sysmap)
 	return qemumon.VCPUs(h.mon, syms)
 }
+
+// KernelSymbols returns the text symbols of L1's kernel (saved from L1's
+// /proc/kallsyms at its first boot on this cache). The default appliance
+// runs the same kernel, and through PVH at the same addresses (no KASLR
+// without the decompressor), so they name an L2 appliance's addresses too.
+func (h *Host) KernelSymbols() (qemumon.Symbols, error) {
+	return qemumon.LoadSymbols(h.sysmap)
+}

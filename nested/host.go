@@ -59,6 +59,9 @@ type Options struct {
 	Share      string           // host folder mounted read-write at SharePath; "" for none
 	MemoryMiB  int              // L1's RAM; 0 means 2048
 	CPUs       int              // L1's vCPUs; 0 means 2
+	// TCGThread is QEMU's TCG thread mode for L1: "multi" (one host
+	// thread per vCPU) or "single" (one for all); "" means multi.
+	TCGThread string
 	// CollectiveTools is the statically linked collective-tools (the full
 	// build) that collective execs in L1 for its other commands (bench
 	// linux-drive...); "" means the one next to Collective, or the one
@@ -271,10 +274,14 @@ func qemuArgs(opts Options, initrd, logSock, conSock, ctlSock, monSock string) [
 	if cpus <= 0 {
 		cpus = defaultCPUs
 	}
+	thread := opts.TCGThread
+	if thread == "" {
+		thread = "multi"
+	}
 	args := []string{
 		// TCG's -cpu max has SVM with nested paging; erms is masked because
 		// TCG runs rep stosb/movsb a byte at a time.
-		"-accel", "tcg,thread=multi", "-cpu", "max,-erms",
+		"-accel", "tcg,thread=" + thread, "-cpu", "max,-erms",
 		"-m", strconv.Itoa(mem), "-smp", strconv.Itoa(cpus),
 		"-display", "none", "-vga", "none", "-nic", "none",
 		// The human monitor, for a post-mortem of an L1 that stopped

@@ -2,6 +2,7 @@ package nested
 
 import (
 	"context"
+	"os"
 	"os/exec"
 	"sync"
 	"testing"
@@ -48,7 +49,7 @@ func Shared(t testing.TB) *Host {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	h, err := Start(ctx, Options{WithQEMU: true, Logf: t.Logf})
+	h, err := Start(ctx, Options{WithQEMU: true, Logf: t.Logf, TCGThread: os.Getenv("COLLECTIVE_L1_TCG_THREAD")})
 	if err != nil {
 		shared.err = err
 		t.Fatalf("%v", err)

@@ -27,6 +27,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"collective/image"
@@ -124,6 +125,18 @@ func drive(argv []string, o driveOptions, out io.Writer) *driveReport {
 	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	// A VMM that timed out is asked for its vCPUs (briefOnSignal) twice,
+	// a second apart, before it is killed: the post-mortem of a guest
+	// that stopped making progress.
+	cmd.Cancel = func() error {
+		for range 2 {
+			if err := cmd.Process.Signal(syscall.SIGUSR1); err != nil {
+				break
+			}
+			time.Sleep(time.Second)
+		}
+		return cmd.Process.Kill()
+	}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		rep.Error = err.Error()

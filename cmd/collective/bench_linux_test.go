@@ -2,7 +2,12 @@
 
 package main
 
-import "testing"
+import (
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
 
 // TestBannerUptime reads the guest's uptime off the appliance's banner
 // line, as bench linux does, and nothing off other lines.
@@ -19,5 +24,19 @@ func TestBannerUptime(t *testing.T) {
 		if got := bannerUptime([]byte(c.console)); got != c.want {
 			t.Errorf("bannerUptime(%q) = %v, want %v", c.console, got, c.want)
 		}
+	}
+}
+
+// TestDriveTimeoutAsksForVCPUs: a VMM that times out gets SIGUSR1 twice
+// (its vCPUs in brief, briefOnSignal) before it is killed.
+func TestDriveTimeoutAsksForVCPUs(t *testing.T) {
+	var out strings.Builder
+	rep := drive([]string{"/bin/sh", "-c", `trap 'echo brief >&2' USR1; while :; do sleep 0.05; done`},
+		driveOptions{prompt: regexp.MustCompile(defaultPrompt), timeout: 500 * time.Millisecond}, &out)
+	if !rep.TimedOut || rep.Status != -1 {
+		t.Errorf("report %+v: want timed out, killed", rep)
+	}
+	if n := strings.Count(out.String(), "brief\n"); n != 2 {
+		t.Errorf("output %q: want 2 briefs", out.String())
 	}
 }

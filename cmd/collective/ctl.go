@@ -8,9 +8,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/signal"
 	"path/filepath"
+	"syscall"
 
 	"collective/api"
+	"collective/kvm"
 	"collective/machine"
 	"collective/snapshot"
 )
@@ -39,11 +42,46 @@ func startAPI(m *machine.Machine, ss *snapshot.Session, path string, log *slog.L
 	}, nil
 }
 
+// briefOnSignal writes every vCPU in brief (machine.VCPUBriefs) to
+// stderr each time the process gets SIGUSR1, until ctx is done: the
+// post-mortem of a guest that stopped making progress, for a harness
+// without the API socket (bench linux-drive sends it before killing a VMM
+// that timed out). srv, when not nil, serialises it with the API's pause,
+// resume and migration.
+func briefOnSignal(ctx context.Context, m *machine.Machine, srv *api.Server) {
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, syscall.SIGUSR1)
+	go func() {
+		defer signal.Stop(ch)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-ch:
+			}
+			var b []kvm.VCPUBrief
+			var err error
+			if srv != nil {
+				b, err = srv.VCPUs()
+			} else {
+				b, err = m.VCPUBriefs()
+			}
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "collective: SIGUSR1: %v\n", err)
+				continue
+			}
+			for _, v := range b {
+				fmt.Fprintf(os.Stderr, "collective: %s\n", v)
+			}
+		}
+	}()
+}
+
 func ctlCmd(args []string) int {
 	fs := flag.NewFlagSet("ctl", flag.ContinueOnError)
 	sock := fs.String("api", "", "the machine's API socket")
 	fs.Usage = func() {
-		fmt.Fprintf(os.Stderr, "usage: collective ctl --api PATH state|pause|resume|snapshot FILE [--incremental] [--raw]\n")
+		fmt.Fprintf(os.Stderr, "usage: collective ctl --api PATH state|pause|resume|vcpus|snapshot FILE [--incremental] [--raw]\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -66,6 +104,8 @@ func ctlCmd(args []string) int {
 		out, err = c.Pause()
 	case "resume":
 		out, err = c.Resume()
+	case "vcpus":
+		out, err = c.VCPUs()
 	case "snapshot":
 		sf := flag.NewFlagSet("ctl snapshot", flag.ContinueOnError)
 		inc := sf.Bool("incremental", false, "only the pages dirtied since the last snapshot")

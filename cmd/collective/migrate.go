@@ -317,8 +317,10 @@ func runIncoming(addr string, pre machine.Config, console io.Writer, input bool,
 		conn.RemoteAddr(), float64(time.Since(start).Microseconds())/1000, st.Rounds, float64(st.Bytes)/1e6,
 		st.Pages, st.ZeroPages, st.HashPages, float64(st.RestoreDur.Microseconds())/1000, gap)
 	m := tgt.m
+	var srv *api.Server
 	if apiPath != "" {
-		_, stop, err := startAPI(m, snapshot.NewSession(m), apiPath, log)
+		var stop func()
+		srv, stop, err = startAPI(m, snapshot.NewSession(m), apiPath, log)
 		if err != nil {
 			m.Stop()
 			<-tgt.exit
@@ -326,6 +328,7 @@ func runIncoming(addr string, pre machine.Config, console io.Writer, input bool,
 		}
 		defer stop()
 	}
+	briefOnSignal(ctx, m, srv)
 	if input {
 		restore := attachInput(ctx, m, cancel)
 		defer restore()

@@ -103,6 +103,7 @@ func runCmd(args []string) int {
 
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
+	briefOnSignal(ctx, m, srv)
 	if input {
 		restore := attachInput(ctx, m, cancel)
 		defer restore()

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"collective/api"
 	"collective/machine"
 	"collective/snapshot"
 )
@@ -150,8 +151,11 @@ func restoreCmd(args []string) int {
 	if *paused {
 		m.Pause()
 	}
+	var srv *api.Server
 	if *apiPath != "" {
-		_, stop, err := startAPI(m, ss, *apiPath, log)
+		var stop func()
+		var err error
+		srv, stop, err = startAPI(m, ss, *apiPath, log)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "collective restore: %v\n", err)
 			return 1
@@ -160,6 +164,7 @@ func restoreCmd(args []string) int {
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
+	briefOnSignal(ctx, m, srv)
 	if input {
 		restore := attachInput(ctx, m, cancel)
 		defer restore()

@@ -1,10 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -22,6 +25,8 @@ func TestSnapshotRestoreAcrossProcesses(t *testing.T) {
 	sock := filepath.Join(dir, "api.sock")
 	logf := filepath.Join(dir, "run.log")
 	cmd := exec.Command(bin, "run", "--kernel", elf, "--append", "dirty 8M 0 4", "--mem", "128M", "--api", sock, "--serial", "file:"+logf)
+	var vmmErr lockedBuffer
+	cmd.Stderr = &vmmErr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -37,6 +42,20 @@ func TestSnapshotRestoreAcrossProcesses(t *testing.T) {
 			t.Fatalf("the guest did not start: %s", data)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+	// The vCPUs in brief: through the API, and on stderr for SIGUSR1.
+	if code, out, stderr := run(t, bin, "", "ctl", "--api", sock, "vcpus"); code != 0 || !strings.Contains(out, `"mp_state": "runnable"`) {
+		t.Errorf("ctl vcpus: %d %s %s", code, out, stderr)
+	}
+	cmd.Process.Signal(syscall.SIGUSR1)
+	for !strings.Contains(vmmErr.String(), "collective: vCPU 0 runnable rip=") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no vCPU brief on stderr after SIGUSR1: %s", vmmErr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if st, err := c.State(); err != nil || st.State != api.StateRunning {
+		t.Errorf("after SIGUSR1: state %+v, %v; want running", st, err)
 	}
 	if _, err := c.Snapshot(api.SnapshotRequest{Path: filepath.Join(dir, "i"), Incremental: true}); !isStatus(err, 409) {
 		t.Errorf("incremental without a parent: %v, want 409", err)
@@ -65,6 +84,7 @@ func TestSnapshotRestoreAcrossProcesses(t *testing.T) {
 		{"POST", "/snapshot", map[string]any{}, 400},
 		{"POST", "/snapshot", map[string]any{"path": strings.Repeat("x", 70000)}, 413},
 		{"GET", "/snapshot", nil, 405},
+		{"POST", "/vcpus", nil, 405},
 		{"GET", "/nowhere", nil, 404},
 		{"POST", "/snapshot", map[string]any{"path": "/nonexistent-dir/x"}, 500},
 	} {
@@ -96,6 +116,24 @@ func TestSnapshotRestoreAcrossProcesses(t *testing.T) {
 	if code, _, stderr = run(t, bin, "", "restore", "--serial", "none", merged); code != 1 || !strings.Contains(stderr, "truncated") {
 		t.Fatalf("truncated snapshot: status %d, %s", code, stderr)
 	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for a writer and a reader.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func isStatus(err error, code int) bool {
