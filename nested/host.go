@@ -62,6 +62,8 @@ type Options struct {
 	// TCGThread is QEMU's TCG thread mode for L1: "multi" (one host
 	// thread per vCPU) or "single" (one for all); "" means multi.
 	TCGThread string
+	// CPU is L1's -cpu model; "" means DefaultCPU.
+	CPU string
 	// CollectiveTools is the statically linked collective-tools (the full
 	// build) that collective execs in L1 for its other commands (bench
 	// linux-drive...); "" means the one next to Collective, or the one
@@ -95,9 +97,13 @@ type Host struct {
 	conW   net.Conn // console input
 	ctlW   net.Conn // control input
 	exited chan struct{}
-	nonce  string
-	mon    string // QEMU's monitor socket
-	sysmap string // L1 kernel's text symbols (kallsyms format; may not exist yet)
+	// waitErr is QEMU's exit (cmd.Wait), and qemuErr its stderr; both
+	// are read only once exited is closed.
+	waitErr error
+	qemuErr *limitedBuffer
+	nonce   string
+	mon     string // QEMU's monitor socket
+	sysmap  string // L1 kernel's text symbols (kallsyms format; may not exist yet)
 
 	mu   sync.Mutex // serialises jobs; guards seq and dead
 	seq  int
@@ -265,6 +271,10 @@ func writeInitrdFile(ctx context.Context, name string, l layout) error {
 	return nil
 }
 
+// DefaultCPU is L1's -cpu model: TCG's max has SVM with nested paging;
+// erms is masked because TCG runs rep stosb/movsb a byte at a time.
+const DefaultCPU = "max,-erms"
+
 // qemuArgs returns the command line that boots L1.
 func qemuArgs(opts Options, initrd, logSock, conSock, ctlSock, monSock string) []string {
 	mem, cpus := opts.MemoryMiB, opts.CPUs
@@ -274,14 +284,15 @@ func qemuArgs(opts Options, initrd, logSock, conSock, ctlSock, monSock string) [
 	if cpus <= 0 {
 		cpus = defaultCPUs
 	}
-	thread := opts.TCGThread
+	thread, cpu := opts.TCGThread, opts.CPU
 	if thread == "" {
 		thread = "multi"
 	}
+	if cpu == "" {
+		cpu = DefaultCPU
+	}
 	args := []string{
-		// TCG's -cpu max has SVM with nested paging; erms is masked because
-		// TCG runs rep stosb/movsb a byte at a time.
-		"-accel", "tcg,thread=" + thread, "-cpu", "max,-erms",
+		"-accel", "tcg,thread=" + thread, "-cpu", cpu,
 		"-m", strconv.Itoa(mem), "-smp", strconv.Itoa(cpus),
 		"-display", "none", "-vga", "none", "-nic", "none",
 		// The human monitor, for a post-mortem of an L1 that stopped
@@ -332,7 +343,8 @@ func boot(ctx context.Context, qemu, dir, initrd string, opts Options) (*Host, e
 	h.mon = filepath.Join(dir, "mon.sock")
 	h.sysmap = filepath.Join(filepath.Dir(opts.Kernel.BzImage), kallsymsName)
 	h.cmd = exec.Command(qemu, qemuArgs(opts, initrd, socks[0], socks[1], socks[2], h.mon)...)
-	h.cmd.Stderr = &limitedBuffer{b: &stderr, max: 16 << 10}
+	h.qemuErr = &limitedBuffer{b: &stderr, max: 16 << 10}
+	h.cmd.Stderr = h.qemuErr
 	// QEMU dies with the process that started it, even when that one is
 	// killed (a test binary past its -timeout).
 	h.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
@@ -340,17 +352,16 @@ func boot(ctx context.Context, qemu, dir, initrd string, opts Options) (*Host, e
 	if err := h.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("nested: starting QEMU: %w", err)
 	}
-	var waitErr error
 	go func() {
-		waitErr = h.cmd.Wait()
+		h.waitErr = h.cmd.Wait()
 		close(h.exited)
 	}()
 	fail := func(err error) (*Host, error) {
 		h.Close()
 		<-h.exited
 		msg := fmt.Sprintf("%v", err)
-		if waitErr != nil {
-			msg += fmt.Sprintf("; QEMU: %v", waitErr)
+		if h.waitErr != nil {
+			msg += fmt.Sprintf("; QEMU: %v", h.waitErr)
 		}
 		if s := strings.TrimSpace(stderr.String()); s != "" {
 			msg += "; QEMU stderr: " + s
@@ -464,6 +475,12 @@ func (l *limitedBuffer) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+func (l *limitedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
 // ConsoleTail returns the last bytes of L1's consoles (ttyS0, then hvc0),
 // for diagnostics.
 func (h *Host) ConsoleTail() string {
@@ -530,7 +547,16 @@ func (h *Host) send(ctx context.Context, verb, script, mode string) (id string, 
 // Preconditions: h.mu is held.
 func (h *Host) kill(err error) error {
 	h.dead = fmt.Errorf("%w: %v", ErrClosed, err)
-	diag := h.diagnose()
+	var diag string
+	select {
+	case <-h.exited:
+		// Under -no-reboot a reset of L1 (a triple fault, panic=-1) ends
+		// QEMU with status 0; a QEMU crash has a signal or a message.
+		diag = fmt.Sprintf("none: QEMU has exited (%v; status 0 is L1 resetting itself); QEMU stderr: %q",
+			h.waitErr, strings.TrimSpace(h.qemuErr.String()))
+	case <-time.After(500 * time.Millisecond):
+		diag = h.diagnose()
+	}
 	go h.Close()
 	return fmt.Errorf("nested: %w\nL1 console (tail):\n%s\nL1's vCPUs (QEMU monitor):\n%s", err, h.ConsoleTail(), diag)
 }

@@ -221,3 +221,27 @@ func TestBootTimeoutPostMortem(t *testing.T) {
 	}
 	t.Logf("%s", regexp.MustCompile(`sample 0: .*`).FindString(err.Error()))
 }
+
+// TestL1ExitPostMortem: an L1 that ends itself (here poweroff -f; a reset
+// under -no-reboot looks the same) is reported as QEMU having exited,
+// with its status, instead of a monitor that no longer answers.
+func TestL1ExitPostMortem(t *testing.T) {
+	if testing.Short() {
+		t.Skip("skipped under -short: boots the nested test host")
+	}
+	Require(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	h, err := Start(ctx, Options{Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	_, _, err = h.Run(ctx, "poweroff -f")
+	if err == nil || !strings.Contains(err.Error(), "QEMU has exited (<nil>; status 0") {
+		t.Fatalf("Run(poweroff -f): %v", err)
+	}
+	if _, _, err := h.Run(ctx, "true"); !errors.Is(err, ErrClosed) {
+		t.Errorf("Run after L1 ended: %v, want ErrClosed", err)
+	}
+}

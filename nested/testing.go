@@ -49,7 +49,10 @@ func Shared(t testing.TB) *Host {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	h, err := Start(ctx, Options{WithQEMU: true, Logf: t.Logf, TCGThread: os.Getenv("COLLECTIVE_L1_TCG_THREAD")})
+	// Two knobs for chasing nested-virtualisation bugs: QEMU's TCG thread
+	// mode and L1's CPU model.
+	h, err := Start(ctx, Options{WithQEMU: true, Logf: t.Logf,
+		TCGThread: os.Getenv("COLLECTIVE_L1_TCG_THREAD"), CPU: os.Getenv("COLLECTIVE_L1_CPU")})
 	if err != nil {
 		shared.err = err
 		t.Fatalf("%v", err)

@@ -34,6 +34,8 @@ func nestedCmd(args []string) int {
 	timeout := fs.Duration("timeout", 2*time.Hour, "kill the nested host after this long")
 	mem := fs.Int("l1-mem", 2048, "L1's RAM in MiB")
 	cpus := fs.Int("l1-cpus", 2, "L1's vCPUs")
+	cpuModel := fs.String("l1-cpu", nested.DefaultCPU, "L1's QEMU -cpu model")
+	tcgThread := fs.String("tcg-thread", "multi", "QEMU's TCG thread mode for L1: multi or single")
 	appliance := fs.Bool("appliance", false, "run the default appliance: CMD is extra flags for collective run")
 	verbose := fs.Bool("v", false, "show progress and L1's boot console on stderr")
 	hold := fs.Bool(nested.HoldFlag[2:], false, "inside L1 only: keep one idle VM open until killed (L1's init runs it; see nested.HoldKVM)")
@@ -87,7 +89,7 @@ CMD's, 2 for bad flags, %d when the nested host fails.
 		return nestedFailed
 	}
 
-	opts := nested.Options{WithQEMU: *withQEMU, MemoryMiB: *mem, CPUs: *cpus}
+	opts := nested.Options{WithQEMU: *withQEMU, MemoryMiB: *mem, CPUs: *cpus, CPU: *cpuModel, TCGThread: *tcgThread}
 	if *share != "" {
 		dir, err := absDir(*share)
 		if err != nil {
