@@ -75,7 +75,23 @@
 // Host asks QEMU's monitor (a Unix socket, -monitor) for every vCPU's
 // registers, three samples apart, and names each instruction pointer from
 // L1's kallsyms (copied beside the kernel at the first boot; L1 boots with
-// nokaslr so the addresses stay put). The error carries it all.
+// nokaslr so the addresses stay put). The error carries it all. An L1
+// that ended by itself (QEMU exited: under -no-reboot a reset of L1 has
+// status 0) is reported as such.
+//
+// The same class of fault remains one level down, rarer (about once in
+// 25-100 L2 boots, more often when the host's cores are busy), and the
+// e2e retry absorbs it. An L2 that times out under bench linux-drive gets
+// its VMM's vCPU briefs (SIGUSR1, kvm.VCPUBrief), named from the same
+// kallsyms (PVH boots have no KASLR). Two kinds were caught: both L2
+// vCPUs looping in asm_exc_int3 during the L2 kernel's own text patching
+// at boot (the livelock above, in L2), and an L2 vCPU whose RSP held an
+// L1 kernel stack address (0xffa0..., L1's 5-level vmalloc area, which is
+// non-canonical in 4-level L2) with a #PF pending forever, the other vCPU
+// spinning for its lock: state corrupted across the L1/L2 switch. Neither
+// involves our VMM, which writes guest registers only at boot and
+// restore. Options.TCGThread and Options.CPU (collective nested
+// --tcg-thread, --l1-cpu) are there to chase them.
 //
 // # Security
 //
