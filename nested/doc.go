@@ -85,13 +85,16 @@
 // its VMM's vCPU briefs (SIGUSR1, kvm.VCPUBrief), named from the same
 // kallsyms (PVH boots have no KASLR). Two kinds were caught: both L2
 // vCPUs looping in asm_exc_int3 during the L2 kernel's own text patching
-// at boot (the livelock above, in L2), and an L2 vCPU whose RSP held an
-// L1 kernel stack address (0xffa0..., L1's 5-level vmalloc area, which is
-// non-canonical in 4-level L2) with a #PF pending forever, the other vCPU
-// spinning for its lock: state corrupted across the L1/L2 switch. Neither
-// involves our VMM, which writes guest registers only at boot and
-// restore. Options.TCGThread and Options.CPU (collective nested
-// --tcg-thread, --l1-cpu) are there to chase them.
+// at boot (the livelock above, in L2), and an L2 vCPU whose RIP and RSP
+// were L1's own: the instruction after VMRUN in kvm_amd's __svm_vcpu_run
+// and L1's kernel stack (0xffa0..., non-canonical in 4-level L2), with a
+// #PF pending forever and the other vCPU waiting for its lock. That is
+// L1's host state saved as L2's at a #VMEXIT; it happens under QEMU 10.0
+// too. Neither involves our VMM, which writes guest registers only at
+// boot and restore. Single-threaded TCG is worse (L2 vCPUs halted with a
+// pending interrupt are not woken), and masking LA57 did not help.
+// Options.TCGThread and Options.CPU (collective nested --tcg-thread,
+// --l1-cpu) are there to chase them.
 //
 // # Security
 //
