@@ -80,8 +80,9 @@
 // status 0) is reported as such.
 //
 // The same class of fault remains one level down, rarer (about once in
-// 25-100 L2 boots, more often when the host's cores are busy), and the
-// e2e retry absorbs it. An L2 that times out under bench linux-drive gets
+// 25-130 L2 boots, more often when the host's cores are busy), and
+// scripts/test.sh's retries (a test fails the run only if it fails three
+// times) absorb it. An L2 that times out under bench linux-drive gets
 // its VMM's vCPU briefs (SIGUSR1, kvm.VCPUBrief), named from the same
 // kallsyms (PVH boots have no KASLR). Two kinds were caught: both L2
 // vCPUs looping in asm_exc_int3 during the L2 kernel's own text patching
@@ -90,7 +91,10 @@
 // and L1's kernel stack (0xffa0..., non-canonical in 4-level L2), with a
 // #PF pending forever and the other vCPU waiting for its lock. That is
 // L1's host state saved as L2's at a #VMEXIT; it happens under QEMU 10.0
-// too. Neither involves our VMM, which writes guest registers only at
+// too. CI has also shown a 1-vCPU L2 triple-faulting after a few
+// commands, and both of L1's vCPUs spinning in
+// native_queued_spin_lock_slowpath on a lock nobody held (L1 itself
+// corrupted). None involves our VMM, which writes guest registers only at
 // boot and restore. Single-threaded TCG is worse (L2 vCPUs halted with a
 // pending interrupt are not woken), and masking LA57 did not help.
 // Options.TCGThread and Options.CPU (collective nested --tcg-thread,
