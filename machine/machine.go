@@ -350,7 +350,10 @@ func (m *Machine) Run(ctx context.Context) Exit {
 			case errors.Is(err, kvm.ErrStopped):
 			case errors.Is(err, kvm.ErrGuestPowerOff):
 				m.finish(Exit{Reason: ExitPowerOff})
-			case errors.Is(err, kvm.ErrShutdown), errors.Is(err, kvm.ErrGuestReset):
+			case errors.Is(err, kvm.ErrShutdown):
+				m.logTripleFault(v)
+				m.finish(Exit{Reason: ExitReset})
+			case errors.Is(err, kvm.ErrGuestReset):
 				m.finish(Exit{Reason: ExitReset})
 			default:
 				m.finish(Exit{Reason: ExitError, Err: err})
@@ -364,6 +367,22 @@ func (m *Machine) Run(ctx context.Context) Exit {
 	}
 	wg.Wait()
 	return m.exit
+}
+
+// logTripleFault logs, as a warning, where vCPU v was when the guest
+// triple-faulted: KVM_EXIT_SHUTDOWN leaves its registers as they were, and
+// a PC resets, so this line is the only post-mortem there will be. v has
+// left KVM_RUN; the other vCPUs may still run.
+func (m *Machine) logTripleFault(v *kvm.VCPU) {
+	msrs, err := m.sys.MSRIndexList()
+	if err == nil {
+		var st *kvm.VCPUState
+		if st, err = v.State(msrs); err == nil {
+			m.log.Warn("guest triple fault; it resets", "vcpu", st.Brief().String())
+			return
+		}
+	}
+	m.log.Warn("guest triple fault; it resets", "vcpu", v.ID(), "err", err)
 }
 
 // Close releases the VM and /dev/kvm.

@@ -1,8 +1,10 @@
 package machine
 
 import (
+	"collective/internal/testenv"
 	"context"
 	"errors"
+	"log/slog"
 	"strings"
 	"testing"
 	"time"
@@ -138,4 +140,20 @@ func TestVCPUBriefs(t *testing.T) {
 		t.Fatalf("on a paused machine: %v, paused %v", err, m.Paused())
 	}
 	t.Logf("%s\n%s", b[0], b[1])
+}
+
+// TestLogTripleFault: a triple fault is logged with the vCPU's brief.
+func TestLogTripleFault(t *testing.T) {
+	testenv.RequireKVM(t)
+	var log syncBuffer
+	m, err := NewBare(Config{MemSize: 16 << 20, CPUs: 1, Log: slog.New(slog.NewTextHandler(&log, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	m.logTripleFault(m.VM().VCPUs()[0])
+	if out := log.String(); !strings.Contains(out, "level=WARN") || !strings.Contains(out, "guest triple fault") ||
+		!strings.Contains(out, "vCPU 0 runnable rip=0xfff0") {
+		t.Errorf("log: %s", out)
+	}
 }
