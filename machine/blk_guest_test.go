@@ -2,6 +2,7 @@ package machine
 
 import (
 	"bytes"
+	"collective/internal/testenv"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -46,7 +47,7 @@ func junkDisk(t *testing.T, size int) (string, []byte) {
 func runBlkGuest(t *testing.T, cmdline, disk string, timeout time.Duration) (Exit, string) {
 	t.Helper()
 	elf := guestELF(t)
-	var console syncBuffer
+	var console testenv.Buffer
 	m, err := New(Config{Kernel: elf, Cmdline: cmdline, MemSize: 128 << 20, CPUs: 1, Console: &console, Disks: []string{disk}})
 	if err != nil {
 		t.Fatal(err)

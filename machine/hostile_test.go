@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"collective/devices/virtioblk"
+	"collective/internal/testenv"
 )
 
 // TestGuestHostile runs the workload guest's hostile mode (guest/src/hostile.c)
@@ -44,7 +45,7 @@ func testGuestHostile(t *testing.T, elf string, seed uint64) {
 	if err := os.WriteFile(disk, make([]byte, diskSize), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var console, logs syncBuffer
+	var console, logs testenv.Buffer
 	m, err := New(Config{Kernel: elf, Cmdline: fmt.Sprintf("hostile 5 %d", seed), MemSize: 128 << 20, CPUs: 1,
 		Console: &console, Disks: []string{disk}, Log: slog.New(slog.NewTextHandler(&logs, nil))})
 	if err != nil {
@@ -149,7 +150,7 @@ func neighbourVerify(elf, path string) error {
 	defer os.Remove(path)
 	seed := rand.Uint64() >> 1
 	sectors := uint64(size / 512)
-	var console syncBuffer
+	var console testenv.Buffer
 	m, err := New(Config{Kernel: elf, Cmdline: fmt.Sprintf("blk verify %d %d", sectors, seed), MemSize: 128 << 20, CPUs: 1,
 		Console: &console, Disks: []string{path}})
 	if err != nil {

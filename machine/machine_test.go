@@ -1,13 +1,11 @@
 package machine
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -16,24 +14,6 @@ import (
 	"collective/internal/testenv"
 	"collective/kvm/boot"
 )
-
-// syncBuffer is a console that tests read while the guest writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func guestELF(t *testing.T) string {
 	t.Helper()
@@ -45,7 +25,7 @@ func guestELF(t *testing.T) string {
 func bootGuest(t *testing.T, cmdline string, cpus int, timeout time.Duration) (Exit, string) {
 	t.Helper()
 	elf := guestELF(t)
-	var console syncBuffer
+	var console testenv.Buffer
 	m, err := New(Config{Kernel: elf, Cmdline: cmdline, MemSize: 128 << 20, CPUs: cpus, Console: &console})
 	if err != nil {
 		t.Fatal(err)
@@ -98,7 +78,7 @@ func TestGuestExits(t *testing.T) {
 
 func TestPauseResumeAndDirtyLog(t *testing.T) {
 	elf := guestELF(t)
-	var console syncBuffer
+	var console testenv.Buffer
 	m, err := New(Config{Kernel: elf, Cmdline: "dirty 8M 0 3", MemSize: 128 << 20, CPUs: 1, Console: &console})
 	if err != nil {
 		t.Fatal(err)
@@ -224,7 +204,7 @@ func TestDisks(t *testing.T) {
 	if err := os.WriteFile(disk, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var console syncBuffer
+	var console testenv.Buffer
 	m, err := New(Config{Kernel: elf, Cmdline: "hello", MemSize: 64 << 20, CPUs: 1, Console: &console,
 		Disks: []string{disk, disk + ",ro,serial=second"}})
 	if err != nil {

@@ -42,7 +42,7 @@ func TestStateValidate(t *testing.T) {
 }
 
 // waitFor polls the console until it holds n occurrences of s.
-func waitFor(t *testing.T, c *syncBuffer, s string, n int, d time.Duration) {
+func waitFor(t *testing.T, c *testenv.Buffer, s string, n int, d time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for strings.Count(c.String(), s) < n {
@@ -58,7 +58,7 @@ func waitFor(t *testing.T, c *syncBuffer, s string, n int, d time.Duration) {
 // runs on: the guest's self-check passes.
 func TestSaveRestoreDirtyGuest(t *testing.T) {
 	elf := guestELF(t)
-	var console syncBuffer
+	var console testenv.Buffer
 	m, err := New(Config{Kernel: elf, Cmdline: "dirty 8M 0 6", MemSize: 128 << 20, CPUs: 1, Console: &console})
 	if err != nil {
 		t.Fatal(err)
@@ -88,7 +88,7 @@ func TestSaveRestoreDirtyGuest(t *testing.T) {
 	if _, err := Restore(Config{MemSize: 64 << 20}, st); !errors.Is(err, ErrConfig) {
 		t.Fatalf("Restore with another memory size: %v", err)
 	}
-	var console2 syncBuffer
+	var console2 testenv.Buffer
 	m2, err := Restore(Config{Console: &console2}, st)
 	if err != nil {
 		t.Fatal(err)
@@ -113,7 +113,7 @@ func TestSaveRestoreDirtyGuest(t *testing.T) {
 // TestVCPUBriefs reads a running guest's vCPUs and leaves it running.
 func TestVCPUBriefs(t *testing.T) {
 	elf := guestELF(t)
-	var console syncBuffer
+	var console testenv.Buffer
 	m, err := New(Config{Kernel: elf, Cmdline: "dirty 8M 0 1000", MemSize: 64 << 20, CPUs: 2, Console: &console})
 	if err != nil {
 		t.Fatal(err)
@@ -145,7 +145,7 @@ func TestVCPUBriefs(t *testing.T) {
 // TestLogTripleFault: a triple fault is logged with the vCPU's brief.
 func TestLogTripleFault(t *testing.T) {
 	testenv.RequireKVM(t)
-	var log syncBuffer
+	var log testenv.Buffer
 	m, err := NewBare(Config{MemSize: 16 << 20, CPUs: 1, Log: slog.New(slog.NewTextHandler(&log, nil))})
 	if err != nil {
 		t.Fatal(err)

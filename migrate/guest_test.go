@@ -1,7 +1,6 @@
 package migrate_test
 
 import (
-	"bytes"
 	"fmt"
 	"net"
 	"os"
@@ -54,27 +53,10 @@ func collectiveBin(t *testing.T) string {
 	return binPath
 }
 
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // proc is a collective process.
 type proc struct {
 	cmd    *exec.Cmd
-	out    *syncBuf // stdout (the serial console) and stderr
+	out    *testenv.Buffer // stdout (the serial console) and stderr
 	done   chan struct{}
 	code   int
 	serial string
@@ -89,7 +71,7 @@ func start(t *testing.T, args ...string) *proc {
 // as ip netns exec) as a proc.
 func startCmd(t *testing.T, name string, args ...string) *proc {
 	t.Helper()
-	p := &proc{cmd: exec.Command(name, args...), out: &syncBuf{}, done: make(chan struct{})}
+	p := &proc{cmd: exec.Command(name, args...), out: &testenv.Buffer{}, done: make(chan struct{})}
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -68,14 +68,14 @@ func checkPatterns(t *testing.T, path string, seed, sectors uint64, tail []byte)
 
 type blkRun struct {
 	m       *machine.Machine
-	console *syncBuffer
+	console *testenv.Buffer
 	done    chan machine.Exit
 }
 
 func startBlkGuest(t *testing.T, cmdline, disk string) *blkRun {
 	t.Helper()
 	elf := testenv.WorkloadGuest(t)
-	r := &blkRun{console: &syncBuffer{}, done: make(chan machine.Exit, 1)}
+	r := &blkRun{console: &testenv.Buffer{}, done: make(chan machine.Exit, 1)}
 	var err error
 	r.m, err = machine.New(machine.Config{Kernel: elf, Cmdline: cmdline, MemSize: 128 << 20, CPUs: 1, Console: r.console, Disks: []string{disk}})
 	if err != nil {
@@ -100,7 +100,7 @@ func (r *blkRun) waitWritten(t *testing.T, n uint64) {
 }
 
 // runToVerified runs a restored machine and checks the guest's verify.
-func runToVerified(t *testing.T, m *machine.Machine, console *syncBuffer, sectors uint64) {
+func runToVerified(t *testing.T, m *machine.Machine, console *testenv.Buffer, sectors uint64) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -169,12 +169,12 @@ func TestSnapshotDiskRaw(t *testing.T) {
 	if _, err := Merge(merged, chain, false, nil); err != nil {
 		t.Fatal(err)
 	}
-	restore := func(t *testing.T, paths []string, disk string) (*machine.Machine, *syncBuffer, error) {
+	restore := func(t *testing.T, paths []string, disk string) (*machine.Machine, *testenv.Buffer, error) {
 		c, err := OpenFiles(paths)
 		if err != nil {
 			return nil, nil, err
 		}
-		console := &syncBuffer{}
+		console := &testenv.Buffer{}
 		m, _, err := Restore(c, machine.Config{Console: console, Disks: []string{disk + ",serial=snapdisk"}}, RestoreOptions{})
 		return m, console, err
 	}
@@ -278,12 +278,12 @@ func TestSnapshotDiskOverlay(t *testing.T) {
 	}
 	t.Logf("full: %v", st)
 	r.m.Stop()
-	restore := func(disk string) (*machine.Machine, *syncBuffer, error) {
+	restore := func(disk string) (*machine.Machine, *testenv.Buffer, error) {
 		c, err := OpenFiles([]string{snap})
 		if err != nil {
 			return nil, nil, err
 		}
-		console := &syncBuffer{}
+		console := &testenv.Buffer{}
 		m, _, err := Restore(c, machine.Config{Console: console, Disks: []string{disk + ",serial=snapdisk"}}, RestoreOptions{})
 		return m, console, err
 	}

@@ -1,12 +1,10 @@
 package snapshot
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -15,34 +13,17 @@ import (
 	"collective/machine"
 )
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // running is a workload guest running in this process.
 type running struct {
 	m       *machine.Machine
-	console *syncBuffer
+	console *testenv.Buffer
 	done    chan machine.Exit
 }
 
 func startGuest(t *testing.T, cmdline string, mem uint64) *running {
 	t.Helper()
 	elf := testenv.WorkloadGuest(t)
-	r := &running{console: &syncBuffer{}, done: make(chan machine.Exit, 1)}
+	r := &running{console: &testenv.Buffer{}, done: make(chan machine.Exit, 1)}
 	var err error
 	r.m, err = machine.New(machine.Config{Kernel: elf, Cmdline: cmdline, MemSize: mem, CPUs: 1, Console: r.console})
 	if err != nil {
@@ -77,7 +58,7 @@ func (r *running) waitPasses(t *testing.T, n uint64) {
 
 // runRestored runs a restored machine to its end and checks the guest's
 // self-check passed.
-func runRestored(t *testing.T, m *machine.Machine, console *syncBuffer) {
+func runRestored(t *testing.T, m *machine.Machine, console *testenv.Buffer) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -113,7 +94,7 @@ func TestSnapshotRestoreDirtyGuest(t *testing.T) {
 			r.m.Stop()
 			t.Logf("snapshot: %v", st)
 			s := open(t, p)
-			var console syncBuffer
+			var console testenv.Buffer
 			m, rs, err := Restore([]*Snapshot{s}, machine.Config{Console: &console}, tc.opts)
 			if err != nil {
 				t.Fatal(err)
@@ -213,7 +194,7 @@ func TestChainRestoreEqualsMerge(t *testing.T) {
 	sameMem(t, "chain vs merge", img, img2)
 	for name, c := range map[string][]*Snapshot{"chain": ch, "merge": {ms}} {
 		t.Run(name, func(t *testing.T) {
-			var console syncBuffer
+			var console testenv.Buffer
 			m, _, err := Restore(c, machine.Config{Console: &console}, RestoreOptions{})
 			if err != nil {
 				t.Fatal(err)

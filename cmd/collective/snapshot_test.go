@@ -1,17 +1,16 @@
 package main
 
 import (
-	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"collective/api"
+	"collective/internal/testenv"
 )
 
 // TestSnapshotRestoreAcrossProcesses: `collective run --api` runs the
@@ -25,7 +24,7 @@ func TestSnapshotRestoreAcrossProcesses(t *testing.T) {
 	sock := filepath.Join(dir, "api.sock")
 	logf := filepath.Join(dir, "run.log")
 	cmd := exec.Command(bin, "run", "--kernel", elf, "--append", "dirty 8M 0 4", "--mem", "128M", "--api", sock, "--serial", "file:"+logf)
-	var vmmErr lockedBuffer
+	var vmmErr testenv.Buffer
 	cmd.Stderr = &vmmErr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -116,24 +115,6 @@ func TestSnapshotRestoreAcrossProcesses(t *testing.T) {
 	if code, _, stderr = run(t, bin, "", "restore", "--serial", "none", merged); code != 1 || !strings.Contains(stderr, "truncated") {
 		t.Fatalf("truncated snapshot: status %d, %s", code, stderr)
 	}
-}
-
-// lockedBuffer is a bytes.Buffer safe for a writer and a reader.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func isStatus(err error, code int) bool {

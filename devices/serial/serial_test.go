@@ -12,6 +12,7 @@ import (
 	"github.com/google/go-cmp/cmp/cmpopts"
 
 	"collective/devices"
+	"collective/internal/testenv"
 )
 
 // fakeIRQ records every level the device drives.
@@ -38,24 +39,6 @@ func (f *fakeIRQ) level() bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return len(f.levels) > 0 && f.levels[len(f.levels)-1]
-}
-
-// syncBuffer is a bytes.Buffer safe for concurrent use.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // Each step is a guest access: a write of val, or a read expecting want.
@@ -178,7 +161,7 @@ func TestRegisters(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var out syncBuffer
+			var out testenv.Buffer
 			s := New(&out, nil)
 			run(t, s, tt.steps)
 			if got := out.String(); got != tt.out {
@@ -473,7 +456,7 @@ func TestHotPathAllocs(t *testing.T) {
 }
 
 func TestConcurrentAccess(t *testing.T) {
-	var out syncBuffer
+	var out testenv.Buffer
 	var irq fakeIRQ
 	s := New(&out, &irq)
 	s.Write(regIIR, []byte{0x07})
