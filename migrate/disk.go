@@ -15,6 +15,7 @@ import (
 
 	"collective/devices/virtioblk"
 	"collective/devices/virtioblk/cow"
+	"collective/internal/lz4block"
 	"collective/machine"
 )
 
@@ -237,8 +238,8 @@ func (s *sender) sendBases(need []uint32) error {
 // every block, for an overlay every block it holds or was written).
 func (s *sender) sendDiskBlocks(cand [][]uint64) error {
 	buf := make([]byte, diskBlock)
-	cmp := make([]byte, lz4.CompressBlockBound(diskBlock))
-	var c lz4.Compressor
+	cmp := make([]byte, lz4block.CompressBound(diskBlock))
+	var c lz4block.Compressor
 	for i, d := range s.disks {
 		tr := d.d.Tracker
 		var bm []uint64
@@ -263,7 +264,7 @@ func (s *sender) sendDiskBlocks(cand [][]uint64) error {
 			case virtioblk.IsZero(data):
 				p = append(p, diskEncZero)
 			default:
-				if n, err := c.CompressBlock(data, cmp); s.useLZ4.Load() && err == nil && n > 0 && n < len(data)*7/8 {
+				if n := c.Compress(cmp, data); s.useLZ4.Load() && n > 0 && n < len(data)*7/8 {
 					p = append(p, diskEncLZ4)
 					p = append(p, cmp[:n]...)
 				} else {

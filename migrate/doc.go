@@ -58,7 +58,7 @@
 //	                   1.2 with flag 1: [16]u8 state fingerprint
 //	T->S welcome  (2)  u16 major, u16 minor, u32 flags (0, or 1.2: 1),
 //	                   u64 hashes announced
-//	T->S hashes   (3)  [16]u8 page hashes (SHA-256/128, as in snapshot files),
+//	T->S hashes   (3)  [16]u8 page hashes (SHA-256/128; snapshot files use XXH3),
 //	                   until the announced count is reached
 //	S->T pages    (4)  u64 chunk GPA (256 KiB aligned), u64 page mask,
 //	                   u8 encoding (0 plain, 1 lz4 block), the mask's pages

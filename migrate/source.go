@@ -15,8 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/pierrec/lz4/v4"
-
+	"collective/internal/lz4block"
 	"collective/kvm/guestmem"
 	"collective/machine"
 )
@@ -214,7 +213,7 @@ type sender struct {
 	binaryState bool
 	// scratch and lzc encode small rounds in the sender's goroutine.
 	scratch []byte
-	lzc     lz4.Compressor
+	lzc     lz4block.Compressor
 	// stateSaved: when the stop phase's state read ended.
 	stateSaved time.Time
 	// acked is the last round the target acknowledged (-1: none).
@@ -891,14 +890,14 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			var c lz4.Compressor
+			c := new(lz4block.Compressor)
 			scratch := make([]byte, chunkBytes)
 			for {
 				i := int(next.Add(1) - 1)
 				if i >= len(work) {
 					return
 				}
-				e := s.encodeChunk(work[i], round == 0, scratch, &c, i)
+				e := s.encodeChunk(work[i], round == 0, scratch, c, i)
 				select {
 				case out <- e:
 				case <-quit:
@@ -1063,7 +1062,7 @@ func isZero(p []byte) bool {
 // Pages are copied out of guest RAM before they are hashed or compressed:
 // the guest may write them meanwhile (the dirty log then has them again
 // for the next round), and lz4 must not see bytes change under it.
-func (s *sender) encodeChunk(w chunkWork, round0 bool, scratch []byte, c *lz4.Compressor, seq int) encoded {
+func (s *sender) encodeChunk(w chunkWork, round0 bool, scratch []byte, c *lz4block.Compressor, seq int) encoded {
 	r := s.regs[w.region]
 	gpa := r.GPA + w.off
 	var e encoded
@@ -1135,17 +1134,17 @@ func (s *sender) encodeChunk(w chunkWork, round0 bool, scratch []byte, c *lz4.Co
 		enc := byte(encPlain)
 		if useLZ4 || measure {
 			f = append(f, encLZ4)
-			dst := f[len(f) : len(f)+lz4.CompressBlockBound(len(plain))]
+			dst := f[len(f) : len(f)+lz4block.CompressBound(len(plain))]
 			t0 := time.Now()
-			n, err := c.CompressBlock(plain, dst)
+			n := c.Compress(dst, plain)
 			s.lzNanos.Add(int64(time.Since(t0)))
 			s.lzIn.Add(int64(len(plain)))
-			if err == nil && n > 0 {
+			if n > 0 {
 				s.lzOut.Add(int64(n))
 			} else {
 				s.lzOut.Add(int64(len(plain)))
 			}
-			if useLZ4 && err == nil && n > 0 && n < len(plain)*7/8 {
+			if useLZ4 && n > 0 && n < len(plain)*7/8 {
 				enc = encLZ4
 				f = f[:len(f)+n]
 				e.compressed = e.full
@@ -1168,9 +1167,9 @@ func (s *sender) encodeChunk(w chunkWork, round0 bool, scratch []byte, c *lz4.Co
 // plain length, block) when that is smaller, else plain (u8 0). The
 // state's JSON (register arrays as numbers) compresses about tenfold.
 func encodeState(sb []byte) []byte {
-	dst := make([]byte, 5+lz4.CompressBlockBound(len(sb)))
-	var c lz4.Compressor
-	if n, err := c.CompressBlock(sb, dst[5:]); err == nil && n > 0 && n < len(sb) {
+	dst := make([]byte, 5+lz4block.CompressBound(len(sb)))
+	var c lz4block.Compressor
+	if n := c.Compress(dst[5:], sb); n > 0 && n < len(sb) {
 		dst[0] = encLZ4
 		binary.LittleEndian.PutUint32(dst[1:], uint32(len(sb)))
 		return dst[:5+n]

@@ -12,6 +12,8 @@ import (
 
 	"github.com/pierrec/lz4/v4"
 
+	"collective/internal/lz4block"
+
 	"collective/devices/virtioblk"
 	"collective/machine"
 )
@@ -219,7 +221,7 @@ type diskWriter struct {
 	pos uint64
 	buf []byte
 	cmp []byte
-	c   lz4.Compressor
+	c   lz4block.Compressor
 	n   int   // blocks written
 	b   int64 // payload bytes
 }
@@ -250,7 +252,7 @@ func (dw *diskWriter) writeDisk(d diskOut) (DiskRecord, error) {
 		} else {
 			payload := data
 			e.enc = diskEncPlain
-			if n, err := dw.c.CompressBlock(data, dw.cmp); err == nil && n > 0 && n < len(data)*7/8 {
+			if n := dw.c.Compress(dw.cmp, data); n > 0 && n < len(data)*7/8 {
 				payload, e.enc = dw.cmp[:n], diskEncLZ4
 			}
 			e.off, e.length, e.crc = dw.pos, uint32(len(payload)), crc(payload)

@@ -13,16 +13,18 @@ import (
 	"math/bits"
 	"time"
 
+	"github.com/zeebo/xxh3"
+
 	"collective/kvm/boot"
 	"collective/kvm/guestmem"
 	"collective/machine"
 )
 
 // FormatVersion is the version of the file format this package writes.
-const FormatVersion = "1.2.0"
+const FormatVersion = "1.3.0"
 
 const (
-	formatMajor, formatMinor, formatPatch = 1, 2, 0
+	formatMajor, formatMinor, formatPatch = 1, 3, 0
 
 	magic      = "CLVSNAP\n"
 	headerSize = 128
@@ -31,8 +33,11 @@ const (
 	ChunkPages = 64
 	chunkBytes = ChunkPages * pageSize
 	// HashSize is the size of a page's content hash.
-	HashSize   = 16
-	entryFixed = 48
+	HashSize = 16
+	// hashXXH3Minor is the first minor version whose page hashes are
+	// XXH3-128; earlier files hold SHA-256 truncated to 128 bits.
+	hashXXH3Minor = 3
+	entryFixed    = 48
 
 	// MaxStateSize caps the state section (a MachineState is tens of KiB).
 	MaxStateSize = 16 << 20
@@ -506,10 +511,31 @@ func (s *Snapshot) PageHashes(f func(gpa uint64, hash []byte)) {
 	}
 }
 
-// pageHash is the content hash of a page.
+// pageHash is the content hash of a page in the files this package
+// writes: XXH3-128 (seed 0, high half first). It guards against
+// corruption; it is not collision resistant against a guest crafting its
+// own pages, which is why the migration cache hashes pages again with
+// SHA-256 (migrate.LoadCache). SHA-256 cost a third of the time of
+// taking a snapshot; XXH3 is about eight times as fast here.
 func pageHash(dst, page []byte) {
+	sum := xxh3.Hash128(page).Bytes()
+	copy(dst, sum[:])
+}
+
+// pageHashSHA is the content hash of a page in files before 1.3.0:
+// SHA-256 truncated to 128 bits.
+func pageHashSHA(dst, page []byte) {
 	sum := sha256.Sum256(page)
 	copy(dst, sum[:HashSize])
+}
+
+// hashPage computes a page's content hash as s's format defines it.
+func (s *Snapshot) hashPage(dst, page []byte) {
+	if s.h.major == 1 && s.h.minor < hashXXH3Minor {
+		pageHashSHA(dst, page)
+		return
+	}
+	pageHash(dst, page)
 }
 
 // groups returns the number of lz4 blocks of encLZ4Groups for n pages.

@@ -12,12 +12,12 @@ import (
 	"strings"
 	"testing"
 
+	"collective/internal/lz4block"
 	"collective/kvm"
 	"collective/kvm/boot"
 	"collective/kvm/guestmem"
 	"collective/machine"
 
-	"github.com/pierrec/lz4/v4"
 	"golang.org/x/sys/unix"
 )
 
@@ -248,7 +248,7 @@ func TestVersionRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	good, _ := os.ReadFile(p)
-	for _, v := range [][3]uint16{{2, 0, 0}, {1, 3, 0}, {0, 9, 0}} {
+	for _, v := range [][3]uint16{{2, 0, 0}, {1, formatMinor + 1, 0}, {0, 9, 0}} {
 		bad := bytes.Clone(good)
 		binary.LittleEndian.PutUint16(bad[8:], v[0])
 		binary.LittleEndian.PutUint16(bad[10:], v[1])
@@ -263,7 +263,7 @@ func TestVersionRefused(t *testing.T) {
 	binary.LittleEndian.PutUint16(ok[12:], 9)
 	binary.LittleEndian.PutUint32(ok[124:], crc(ok[:124]))
 	if _, err := Decode(bytes.NewReader(ok), int64(len(ok))); err != nil {
-		t.Errorf("patch version 1.2.9: %v", err)
+		t.Errorf("patch version %d.%d.9: %v", formatMajor, formatMinor, err)
 	}
 }
 
@@ -283,8 +283,32 @@ func TestGolden(t *testing.T) {
 	if s.Version != "1.0.0" || s.Pages() == 0 {
 		t.Fatalf("golden: version %s, %d pages", s.Version, s.Pages())
 	}
+	img, err := ImageOf([]*Snapshot{s})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Its page hashes are SHA-256/128 (before 1.3.0), and a restore that
+	// checks them uses that hash, not this version's.
+	n := 0
+	s.PageHashes(func(gpa uint64, h []byte) {
+		var want, got [HashSize]byte
+		b, _ := img.Slice(gpa, pageSize)
+		pageHashSHA(want[:], b)
+		s.hashPage(got[:], b)
+		if !bytes.Equal(h, want[:]) || got != want {
+			t.Fatalf("golden page %#x: stored hash %x, SHA-256/128 %x, hashPage %x", gpa, h, want, got)
+		}
+		n++
+	})
+	if n != s.Pages() {
+		t.Fatalf("%d page hashes for %d pages", n, s.Pages())
+	}
 	if _, err := ImageOf([]*Snapshot{s}); err != nil {
 		t.Fatal(err)
+	}
+	mem := fakeMem(t, 16<<20)
+	if _, err := s.apply(mem.Regions(), true, nil); err != nil {
+		t.Fatalf("golden restored with its hashes checked: %v", err)
 	}
 }
 
@@ -360,8 +384,8 @@ func TestLZ4Groups(t *testing.T) {
 	for i := range plain {
 		plain[i] = byte(i / 64)
 	}
-	var c lz4.Compressor
-	dst := make([]byte, lz4.CompressBlockBound(len(plain))+4*groups(pages))
+	var c lz4block.Compressor
+	dst := make([]byte, lz4block.CompressBound(len(plain))+4*groups(pages))
 	n, ok := compressGroups(&c, plain, dst)
 	if !ok {
 		t.Fatal("compressible pages did not compress")
@@ -392,8 +416,8 @@ func TestLZ4Groups(t *testing.T) {
 		t.Errorf("one group for 16 pages: %v", err)
 	}
 	// A group that decodes to fewer pages than its place needs.
-	short := make([]byte, 4, 4+lz4.CompressBlockBound(pageSize))
-	k, _ := c.CompressBlock(plain[:pageSize], short[4:cap(short)])
+	short := make([]byte, 4, 4+lz4block.CompressBound(pageSize))
+	k := c.Compress(short[4:cap(short)], plain[:pageSize])
 	binary.LittleEndian.PutUint32(short, uint32(k))
 	if _, err := uncompressGroups(short[:4+k], make([]byte, 2*pageSize)); err == nil {
 		t.Error("a group of 1 page for 2 pages: accepted")

@@ -347,7 +347,7 @@ func uncompressGroups(p, dst []byte) (int, error) {
 
 func (s *Snapshot) checkHash(c *chunk, k int, page []byte) error {
 	var h [HashSize]byte
-	pageHash(h[:], page)
+	s.hashPage(h[:], page)
 	if !bytes.Equal(h[:], c.hashes[k*HashSize:(k+1)*HashSize]) {
 		return formatErr(int64(s.h.dataOff+c.off), "%s: page %d of the chunk at GPA %#x does not match its hash", name(s), k, c.gpa)
 	}

@@ -15,8 +15,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/pierrec/lz4/v4"
-
+	"collective/internal/lz4block"
 	"collective/kvm/guestmem"
 	"collective/machine"
 )
@@ -202,12 +201,12 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			var c lz4.Compressor
+			c := new(lz4block.Compressor)
 			var bufs [][]byte
 			if !sp.raw {
 				bufs = make([][]byte, inFlight+2)
 				for i := range bufs {
-					bufs[i] = make([]byte, chunkBytes+lz4.CompressBlockBound(chunkBytes)+4*ChunkPages/groupPages)
+					bufs[i] = make([]byte, chunkBytes+lz4block.CompressBound(chunkBytes)+4*ChunkPages/groupPages)
 				}
 			}
 			for k, i := 0, w; i < len(ws); k, i = k+1, i+nw {
@@ -217,7 +216,7 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 				}
 				wk := ws[i]
 				host := regs[wk.region].Host
-				r := encodeChunk(host, wk, sp.raw, sp.dirty != nil, buf, &c)
+				r := encodeChunk(host, wk, sp.raw, sp.dirty != nil, buf, c)
 				if sp.raw {
 					// The image's data pages go at their place, from both
 					// workers at once; zero pages stay holes.
@@ -280,7 +279,7 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 			return nil, fmt.Errorf("snapshot: %w", err)
 		}
 		bw.Reset(f)
-		dw := &diskWriter{w: bw, pos: pos, buf: make([]byte, diskBlock), cmp: make([]byte, lz4.CompressBlockBound(diskBlock))}
+		dw := &diskWriter{w: bw, pos: pos, buf: make([]byte, diskBlock), cmp: make([]byte, lz4block.CompressBound(diskBlock))}
 		for _, d := range sp.disks {
 			rec, err := dw.writeDisk(d)
 			if err != nil {
@@ -336,7 +335,7 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 // they are contiguous, else gathered first. The payload may be guest
 // memory itself (plain pages), which holds still while the machine is
 // paused.
-func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4.Compressor) result {
+func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4block.Compressor) result {
 	var r result
 	r.c.gpa = wk.gpa
 	crcAcc := uint32(0)
@@ -396,7 +395,9 @@ func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4
 	// that, decoding on every restore costs more than the bytes it saves
 	// (lz4 itself skips quickly over data it cannot compress, about 8 GB/s
 	// here, so there is no sample to take first).
-	dst := buf[chunkBytes:]
+	// dst holds only what may be kept, so that the encoder stops as soon
+	// as a chunk is known not to pay.
+	dst := buf[chunkBytes : chunkBytes+len(plain)-len(plain)/8]
 	k, ok := compressGroups(c, plain, dst)
 	if ok && k <= len(plain)-len(plain)/8 {
 		r.c.enc, r.payload = encLZ4Groups, dst[:k]
@@ -410,10 +411,9 @@ func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4
 
 // compressGroups writes plain's pages into dst as encLZ4Groups: groups of
 // groupPages pages, each a u32 length and an lz4 block. It reports false
-// when a group does not compress (lz4 then writes nothing) or dst is too
-// small; dst needs lz4.CompressBlockBound(len(plain)) bytes plus 4 per
-// group.
-func compressGroups(c *lz4.Compressor, plain, dst []byte) (int, bool) {
+// when dst is too small; dst needs lz4block.CompressBound(len(plain))
+// bytes plus 4 per group.
+func compressGroups(c *lz4block.Compressor, plain, dst []byte) (int, bool) {
 	k := 0
 	for len(plain) > 0 {
 		g := plain[:min(len(plain), groupPages*pageSize)]
@@ -421,8 +421,8 @@ func compressGroups(c *lz4.Compressor, plain, dst []byte) (int, bool) {
 		if len(dst)-k < 4 {
 			return 0, false
 		}
-		n, err := c.CompressBlock(g, dst[k+4:])
-		if err != nil || n == 0 {
+		n := c.Compress(dst[k+4:], g)
+		if n == 0 {
 			return 0, false
 		}
 		binary.LittleEndian.PutUint32(dst[k:], uint32(n))
