@@ -1,6 +1,7 @@
 package kvm
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -172,6 +173,34 @@ func (s *System) MaxVCPUs() int {
 		return n
 	}
 	return 4 // api.rst: assume 4 when the capability is absent
+}
+
+// Vendor returns the CPU vendor string that KVM passes through in CPUID
+// leaf 0 ("GenuineIntel", "AuthenticAMD", ...), or "" when it has none.
+func (s *System) Vendor() string {
+	ents, err := s.SupportedCPUID()
+	if err != nil {
+		return ""
+	}
+	for _, e := range ents {
+		if e.Function == 0 {
+			var b [12]byte
+			binary.LittleEndian.PutUint32(b[0:], e.EBX)
+			binary.LittleEndian.PutUint32(b[4:], e.EDX)
+			binary.LittleEndian.PutUint32(b[8:], e.ECX)
+			return string(b[:])
+		}
+	}
+	return ""
+}
+
+// ResetsOnShutdown reports whether KVM resets a vCPU before it reports a
+// triple fault (KVM_EXIT_SHUTDOWN): it does on AMD and Hygon (SVM), whose
+// VMCB is undefined after a shutdown, so no register of the fault is left
+// to read; on Intel (VMX) the state stays as it was.
+func (s *System) ResetsOnShutdown() bool {
+	v := s.Vendor()
+	return v == "AuthenticAMD" || v == "HygonGenuine"
 }
 
 // SupportedCPUID returns KVM_GET_SUPPORTED_CPUID. The slice is shared;

@@ -48,6 +48,25 @@ func openKVM(t *testing.T) *System {
 	return s
 }
 
+// TestVendor: KVM passes the host's vendor through, and it is one whose
+// shutdown behaviour ResetsOnShutdown knows.
+func TestVendor(t *testing.T) {
+	s := openKVM(t)
+	v := s.Vendor()
+	switch v {
+	case "GenuineIntel", "CentaurHauls", "  Shanghai  ", "ZhaoxinHost":
+		if s.ResetsOnShutdown() {
+			t.Errorf("%s: ResetsOnShutdown", v)
+		}
+	case "AuthenticAMD", "HygonGenuine":
+		if !s.ResetsOnShutdown() {
+			t.Errorf("%s: not ResetsOnShutdown", v)
+		}
+	default:
+		t.Errorf("vendor %q", v)
+	}
+}
+
 func TestCPUIDLeaves(t *testing.T) {
 	s := openKVM(t)
 	ents, err := s.CPUID(1, 2, 2600000)

@@ -370,10 +370,16 @@ func (m *Machine) Run(ctx context.Context) Exit {
 }
 
 // logTripleFault logs, as a warning, where vCPU v was when the guest
-// triple-faulted: KVM_EXIT_SHUTDOWN leaves its registers as they were, and
-// a PC resets, so this line is the only post-mortem there will be. v has
-// left KVM_RUN; the other vCPUs may still run.
+// triple-faulted: on Intel KVM_EXIT_SHUTDOWN leaves its registers as they
+// were, and a PC resets, so this line is the only post-mortem there will
+// be. On AMD KVM has already reset the vCPU (System.ResetsOnShutdown), and
+// the line says so instead of showing the reset state. v has left
+// KVM_RUN; the other vCPUs may still run.
 func (m *Machine) logTripleFault(v *kvm.VCPU) {
+	if m.sys.ResetsOnShutdown() {
+		m.log.Warn("guest triple fault; it resets (KVM on "+m.sys.Vendor()+" resets the vCPU before it reports one: no registers are left)", "vcpu", v.ID())
+		return
+	}
 	msrs, err := m.sys.MSRIndexList()
 	if err == nil {
 		var st *kvm.VCPUState
