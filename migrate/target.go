@@ -477,9 +477,10 @@ func (r *receiver) hashRef(f frame) error {
 	return nil
 }
 
-// pageHash is the content hash of a page: SHA-256 truncated to 128 bits,
-// as snapshot files store it (snapshot/doc.go), so that a snapshot's
-// index is a ready-made list of the pages it holds.
+// pageHash is the content hash of a page on the wire and in the cache:
+// SHA-256 truncated to 128 bits. It must resist collisions a hostile
+// guest crafts, so it is not the snapshot files' own page hash (XXH3, for
+// integrity), and LoadCache hashes every cached page again.
 func pageHash(dst, page []byte) {
 	sum := sha256.Sum256(page)
 	copy(dst, sum[:hashSize])
