@@ -149,17 +149,25 @@ func (ss *Session) Take(path string, opts TakeOptions) (*Stats, error) {
 	if opts.Incremental && (ss.last == nil || !ss.tracking) {
 		return nil, ErrNoParent
 	}
-	st, err := ss.m.SaveState()
-	if err != nil {
-		return nil, err
-	}
+	// The state is read (each vCPU's on its own thread) while the memory
+	// is written: it goes last in the file. Take returns only after the
+	// reading is done, so that no caller resumes the machine under it.
+	ch := make(chan struct{})
+	var st *machine.MachineState
+	var stErr error
+	go func() {
+		defer close(ch)
+		st, stErr = ss.m.SaveState()
+	}()
+	defer func() { <-ch }()
+	state := func() (*machine.MachineState, error) { <-ch; return st, stErr }
 	// The machine is paused and its virtio devices quiesced: no disk
 	// request is in flight, so the disks hold still with the memory.
 	disks := ss.m.Disks()
 	if err := syncDisks(disks); err != nil {
 		return nil, err
 	}
-	spec := writeSpec{mem: ss.m.Memory(), state: st, raw: opts.Raw, progress: opts.Progress}
+	spec := writeSpec{mem: ss.m.Memory(), stateFn: state, memSize: ss.m.Config().MemSize, raw: opts.Raw, progress: opts.Progress}
 	if opts.Incremental {
 		// Logs are taken before memory is read: a write after this point
 		// is in the copy, or in the next log, or both.
@@ -187,6 +195,7 @@ func (ss *Session) Take(path string, opts TakeOptions) (*Stats, error) {
 	if err := ss.resetTracking(); err != nil {
 		return nil, err
 	}
+	var err error
 	if spec.disks, err = liveDisks(disks, nil, true); err != nil {
 		ss.last = nil
 		return nil, err

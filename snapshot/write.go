@@ -57,9 +57,14 @@ type Progress func(done, total uint64)
 
 // writeSpec says what to write.
 type writeSpec struct {
-	mem        *guestmem.Memory
-	dirty      [][]uint64 // per region; nil for a full snapshot
-	state      *machine.MachineState
+	mem   *guestmem.Memory
+	dirty [][]uint64 // per region; nil for a full snapshot
+	state *machine.MachineState
+	// stateFn, when state is nil, returns the state, which is read while
+	// the memory is being written (it goes last in the file). memSize is
+	// then the guest RAM size.
+	stateFn    func() (*machine.MachineState, error)
+	memSize    uint64
 	parent     ID
 	parentHint string
 	raw        bool
@@ -109,11 +114,14 @@ var zeroPage = make([]byte, pageSize)
 // into place).
 func writeFile(path string, sp writeSpec) (*Stats, error) {
 	start := time.Now()
-	st := sp.state
-	lay := newLayout(st.MemSize)
+	memSize := sp.memSize
+	if sp.state != nil {
+		memSize = sp.state.MemSize
+	}
+	lay := newLayout(memSize)
 	regs := sp.mem.Regions()
 	if len(regs) != len(lay.regions) {
-		return nil, fmt.Errorf("snapshot: memory has %d regions, the layout of %d bytes %d", len(regs), st.MemSize, len(lay.regions))
+		return nil, fmt.Errorf("snapshot: memory has %d regions, the layout of %d bytes %d", len(regs), memSize, len(lay.regions))
 	}
 	for i, r := range regs {
 		if r.GPA != lay.regions[i].GPA || r.Size() != lay.regions[i].Size {
@@ -169,7 +177,7 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 		}
 	}()
 	h := header{major: formatMajor, minor: formatMinor, patch: formatPatch, kind: KindFull,
-		memSize: st.MemSize, parent: sp.parent}
+		memSize: memSize, parent: sp.parent}
 	if sp.dirty != nil {
 		h.kind = KindIncremental
 	}
@@ -178,7 +186,7 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 	if sp.raw {
 		h.flags |= flagRawImage
 		h.dataOff = pageSize
-		h.dataLen = st.MemSize
+		h.dataLen = memSize
 	}
 	if _, err := f.Seek(int64(h.dataOff), 0); err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
@@ -186,7 +194,7 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 	bw := bufio.NewWriterSize(f, 64<<10) // payloads of a chunk (up to 256 KiB) mostly bypass it
 
 	var index bytes.Buffer
-	stats := &Stats{MemBytes: st.MemSize}
+	stats := &Stats{MemBytes: memSize}
 	// Workers encode chunks w, w+nw, w+2nw, ... (hash, zero check,
 	// compression) into a ring of buffers and hand them over in order on
 	// their channel; this goroutine writes them in file order meanwhile.
@@ -271,6 +279,16 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 	h.indexCRC = crc(ib)
 	if _, err := f.WriteAt(ib, int64(h.indexOff)); err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	st := sp.state
+	if st == nil {
+		var err error
+		if st, err = sp.stateFn(); err != nil {
+			return nil, err
+		}
+	}
+	if st.MemSize != memSize {
+		return nil, fmt.Errorf("snapshot: the machine state has %d bytes of RAM, the memory %d", st.MemSize, memSize)
 	}
 	fs := fileState{Machine: st, Regions: lay.regions, Parent: sp.parentHint, Created: time.Now().UTC()}
 	pos := h.indexOff + h.indexLen
