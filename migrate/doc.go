@@ -30,12 +30,13 @@
 // (/proc/self/pagemap: neither present nor swapped, in a region whose
 // every mapping is private and anonymous, so never over a lazily mapped
 // snapshot image); later a page that became zero is one bit of a zero
-// frame. lz4 is used when it pays: compression starts on, samples one data
-// chunk in 16 for its ratio and speed, and is kept only while
-// 1/(1/compress rate + ratio/link rate) beats the link rate by 20% (the
-// link rate is the bandwidth cap or the writer's measured rate; both
-// share the CPUs, so the model is serial). A chunk that does not shrink to
-// 7/8 goes plain. With a hash cache on the target (Cache, --cache DIR:
+// frame. lz4 is used when it pays: pages go plain while one data chunk in
+// 16 is compressed to measure the ratio and speed, and lz4 is on only
+// while 1/(1/compress rate + ratio/link rate) beats the link rate by 20%
+// (the compress rate is one encoder's times the encoders, one fewer than
+// the CPUs while the guest runs; the link rate is the bandwidth cap or the
+// writer's measured rate; both share the CPUs, so the model is serial).
+// A chunk that does not shrink to 7/8 goes plain. With a hash cache on the target (Cache, --cache DIR:
 // the pages of local snapshot files), the target announces the hashes it
 // holds and the source sends a 16-byte hash instead of any page whose
 // content hash is among them (the Collective's OSDI'02 technique).

@@ -233,8 +233,10 @@ func TestMigrateRoundTrip(t *testing.T) {
 			if tc.rate == 0 && float64(p.rep.BytesWire) > 1.05*float64(nz) {
 				t.Errorf("idle: %d bytes on the wire for %d non-zero bytes", p.rep.BytesWire, nz)
 			}
-			if tc.opts.Compress == "always" && p.rep.Pages.Compressed == 0 {
-				t.Errorf("no compressed pages: %+v", p.rep.Pages)
+			// Always, and auto under a bandwidth cap far below what lz4
+			// compresses at, send compressed pages.
+			if (tc.opts.Compress == "always" || tc.opts.Bandwidth > 0) && p.rep.Pages.Compressed == 0 {
+				t.Errorf("no compressed pages: %+v, %s", p.rep.Pages, p.rep.Compression)
 			}
 			t.Logf("rounds %d, wire %d, pages %+v, downtime %.2f ms, total %.1f ms, %s", p.rep.Rounds, p.rep.BytesWire, p.rep.Pages, p.rep.DowntimeMS, p.rep.TotalMS, p.rep.Compression)
 		})
@@ -423,4 +425,32 @@ func TestHashTransfer(t *testing.T) {
 		t.Fatalf("pages %+v, wire %d for %d non-zero bytes", rep.Pages, rep.BytesWire, rep.NonZeroBytes)
 	}
 	t.Logf("pages %+v, %d bytes on the wire for %d non-zero bytes (%d hashes announced)", rep.Pages, rep.BytesWire, rep.NonZeroBytes, rep.HashesAnnounced)
+}
+
+// TestLZ4Pays: the compression model's decisions in the cases it is
+// for. Figures are bytes per second, as decideCompression measures them.
+func TestLZ4Pays(t *testing.T) {
+	const MB = 1e6
+	for _, tc := range []struct {
+		name                string
+		ratio, cspeed, link float64
+		want                bool
+	}{
+		// Loopback with a busy guest: one encoder at 700 MB/s, the
+		// writer's rate the CPU's.
+		{"loopback, one encoder", 0.5, 700 * MB, 600 * MB, false},
+		{"loopback, slow writes", 0.5, 700 * MB, 350 * MB, false},
+		// A 1 Gb/s link or a bandwidth cap.
+		{"1 Gb/s", 0.5, 700 * MB, 125 * MB, true},
+		{"cap 30 MB/s", 0.5, 700 * MB, 30 * MB, true},
+		// Incompressible pages never pay.
+		{"incompressible, slow link", 1.0, 10000 * MB, 30 * MB, false},
+		// Highly compressible pages over a fast link, with encoders to
+		// spare (the stop phase's, or a big host).
+		{"ratio 0.1, 4 encoders", 0.1, 2800 * MB, 1000 * MB, true},
+	} {
+		if got := lz4Pays(tc.ratio, tc.cspeed, tc.link); got != tc.want {
+			t.Errorf("%s: lz4Pays(%.2f, %.0f MB/s, %.0f MB/s) = %v, want %v", tc.name, tc.ratio, tc.cspeed/MB, tc.link/MB, got, tc.want)
+		}
+	}
 }

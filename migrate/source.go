@@ -229,9 +229,11 @@ type sender struct {
 
 	// Transfer rate of page bytes (per second), measured per round.
 	rate float64
-	// Compression decision and its measurements.
+	// Compression decision and its measurements; encoders is how many
+	// goroutines encode (and compress) the current round's chunks.
 	useLZ4                  atomic.Bool
 	lzIn, lzOut, lzNanos    atomic.Int64
+	encoders                int
 	busyNanos, busyBytes    int64
 	mu                      sync.Mutex // guards the report's counters from workers
 	full, compressed, zeros int64
@@ -295,11 +297,14 @@ func (s *sender) run(ctx context.Context) error {
 	s.fw.corrupt = s.opts.CorruptFrame
 	s.fr = newFrameReader(s.conn)
 	switch s.opts.Compress {
-	case "always", "auto":
-		// Auto compresses until it has measured enough to decide: small
-		// (idle) guests go compressed, at a cost of a few milliseconds.
+	case "always":
 		s.useLZ4.Store(true)
-	case "never":
+	case "auto", "never":
+		// Auto sends plain pages, compressing one data chunk in
+		// sampleEvery to measure, until the measurements say lz4 pays.
+		// (It used to start compressed: on a loopback link with a busy
+		// guest, one worker compressing the first 15 MB of round 0
+		// made the whole migration three times as long.)
 	default:
 		return fmt.Errorf("migrate: compress %q: want auto, always or never", s.opts.Compress)
 	}
@@ -868,6 +873,7 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 	if !final && nw > 1 {
 		nw--
 	}
+	s.encoders = nw
 	if !final {
 		s.decideCompression(round)
 	}
@@ -1021,7 +1027,9 @@ func (s *sender) decideCompression(round int) {
 		return // not measured yet
 	}
 	ratio := float64(out) / float64(in)
-	cspeed := float64(in) / (float64(nanos) / 1e9) * float64(runtime.GOMAXPROCS(0))
+	// Each encoder compresses at the measured speed; while the guest
+	// runs there is one fewer than the CPUs (sendRound).
+	cspeed := float64(in) / (float64(nanos) / 1e9) * float64(max(1, s.encoders))
 	link := s.opts.Bandwidth
 	if link == 0 && s.busyNanos > 0 && s.busyBytes >= 4<<20 {
 		link = float64(s.busyBytes) / (float64(s.busyNanos) / 1e9)
@@ -1029,12 +1037,19 @@ func (s *sender) decideCompression(round int) {
 	if link == 0 {
 		return
 	}
-	// Compression and sending share the CPUs (on a loaded host the link
-	// rate measured is often the CPU's): model them as serial, so lz4
-	// wins only when the link is clearly the bottleneck.
+	s.useLZ4.Store(lz4Pays(ratio, cspeed, link))
+	s.rep.Compression = fmt.Sprintf("lz4=%v (ratio %.2f, compress %.0f MB/s with %d encoders, link %.0f MB/s)", s.useLZ4.Load(), ratio, cspeed/1e6, max(1, s.encoders), link/1e6)
+}
+
+// lz4Pays reports whether compressing at cspeed (bytes of pages per
+// second, all encoders together) to ratio moves pages faster than sending
+// them plain over a link of link bytes per second. Compression and
+// sending share the CPUs (on a loaded host the link rate measured is
+// often the CPU's): they are modelled as serial, so lz4 wins only when
+// the link is clearly the bottleneck.
+func lz4Pays(ratio, cspeed, link float64) bool {
 	withLZ4 := 1 / (1/cspeed + ratio/link)
-	s.useLZ4.Store(withLZ4 > link*1.2)
-	s.rep.Compression = fmt.Sprintf("lz4=%v (ratio %.2f, compress %.0f MB/s, link %.0f MB/s)", s.useLZ4.Load(), ratio, cspeed/1e6, link/1e6)
+	return withLZ4 > link*1.2
 }
 
 func isZero(p []byte) bool {
@@ -1072,7 +1087,9 @@ func (s *sender) encodeChunk(w chunkWork, round0 bool, scratch []byte, c *lz4blo
 	var zeroMask, dataMask, hashMask uint64
 	var hashes []byte
 	useLZ4 := s.useLZ4.Load()
-	measure := !useLZ4 && s.opts.Compress == "auto" && seq%sampleEvery == 0
+	// The first MiB of data chunks is all measured, so that the first
+	// decision comes early; then one chunk in sampleEvery.
+	measure := !useLZ4 && s.opts.Compress == "auto" && (seq%sampleEvery == 0 || s.lzIn.Load() < 1<<20)
 	// Plain pages are copied once, from guest RAM straight into their
 	// frame, which goes first in buf; otherwise into scratch for lz4.
 	direct := !useLZ4 && !measure
