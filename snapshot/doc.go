@@ -21,7 +21,8 @@
 //	  48 u64    index offset, u64 index length
 //	  64 u64    data offset,  u64 data length
 //	  80 [32]u8 parent ID (incremental; zero for a full snapshot)
-//	  112 u32   state CRC, u32 index CRC, u32 reserved (0)
+//	  112 u32   state CRC, u32 index CRC, u32 vCPUs (since 1.3.0, as in the
+//	            state; before, reserved and 0)
 //	  124 u32   header CRC (of bytes 0-123)
 //	state: JSON of {Machine: machine.MachineState, Regions, Parent hint, Created,
 //	       Disks: [DiskRecord]} (CRC-32C in the header)

@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"collective/internal/lz4block"
+	"collective/internal/testenv"
 	"collective/kvm"
 	"collective/kvm/boot"
 	"collective/kvm/guestmem"
@@ -421,5 +422,60 @@ func TestLZ4Groups(t *testing.T) {
 	binary.LittleEndian.PutUint32(short, uint32(k))
 	if _, err := uncompressGroups(short[:4+k], make([]byte, 2*pageSize)); err == nil {
 		t.Error("a group of 1 page for 2 pages: accepted")
+	}
+}
+
+// TestShape: a file's header gives its machine's shape from 1.3.0 on (and
+// a header whose vCPU count disagrees with the state is refused); a
+// Prepared machine of another shape is closed and replaced by Restore.
+func TestShape(t *testing.T) {
+	testenv.RequireKVM(t)
+	dir := t.TempDir()
+	p := filepath.Join(dir, "s")
+	m0, err := machine.NewBare(machine.Config{MemSize: testMem, CPUs: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m0.Pause()
+	st, err := m0.SaveState()
+	m0.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := writeFile(p, writeSpec{mem: fakeMem(t, testMem), state: st}); err != nil {
+		t.Fatal(err)
+	}
+	mem, cpus, ok, err := Shape(p)
+	if err != nil || !ok || mem != testMem || cpus != st.CPUs {
+		t.Fatalf("Shape: %d bytes, %d vCPUs, %v, %v; want %d, %d", mem, cpus, ok, err, uint64(testMem), st.CPUs)
+	}
+	if _, _, ok, err := Shape(filepath.Join("testdata", "golden-1.0.0.snap")); ok || err != nil {
+		t.Errorf("Shape of a 1.0.0 file: ok %v, %v", ok, err)
+	}
+	if Prepare(filepath.Join("testdata", "golden-1.0.0.snap"), machine.Config{}) != nil {
+		t.Error("Prepare of a 1.0.0 file: not nil")
+	}
+	// A header that disagrees with its state.
+	good, _ := os.ReadFile(p)
+	bad := bytes.Clone(good)
+	binary.LittleEndian.PutUint32(bad[120:], uint32(st.CPUs+1))
+	binary.LittleEndian.PutUint32(bad[124:], crc(bad[:124]))
+	if _, err := Decode(bytes.NewReader(bad), int64(len(bad))); !errors.Is(err, ErrFormat) {
+		t.Errorf("header with %d vCPUs, state %d: %v", st.CPUs+1, st.CPUs, err)
+	}
+	// A machine prepared for another file's shape (1 vCPU).
+	other := filepath.Join(dir, "other")
+	if _, err := writeFile(other, writeSpec{mem: fakeMem(t, testMem), state: fakeState(testMem)}); err != nil {
+		t.Fatal(err)
+	}
+	prep := Prepare(other, machine.Config{})
+	s := open(t, p)
+	m, _, err := Restore([]*Snapshot{s}, machine.Config{}, RestoreOptions{Prepared: prep})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if prep.m != nil || m.Config().CPUs != st.CPUs {
+		t.Errorf("the prepared machine of 1 vCPU was kept (%v), the restored one has %d", prep.m != nil, m.Config().CPUs)
 	}
 }

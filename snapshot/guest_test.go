@@ -72,14 +72,17 @@ func runRestored(t *testing.T, m *machine.Machine, console *testenv.Buffer) {
 // each memory encoding and restored; its self-check passes.
 func TestSnapshotRestoreDirtyGuest(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		take TakeOptions
-		opts RestoreOptions
+		name    string
+		take    TakeOptions
+		opts    RestoreOptions
+		prepare bool // the machine built by Prepare while the file opens
 	}{
-		{"lz4", TakeOptions{}, RestoreOptions{VerifyHashes: true}},
-		{"raw-read", TakeOptions{Raw: true}, RestoreOptions{}},
-		{"raw-lazy", TakeOptions{Raw: true}, RestoreOptions{Lazy: true}},
-		{"raw-lazy-trusted", TakeOptions{Raw: true}, RestoreOptions{Lazy: true, Trust: true}},
+		{"lz4", TakeOptions{}, RestoreOptions{VerifyHashes: true}, false},
+		{"raw-read", TakeOptions{Raw: true}, RestoreOptions{}, false},
+		{"raw-lazy", TakeOptions{Raw: true}, RestoreOptions{Lazy: true}, false},
+		{"raw-lazy-trusted", TakeOptions{Raw: true}, RestoreOptions{Lazy: true, Trust: true}, false},
+		{"raw-lazy-prepared", TakeOptions{Raw: true}, RestoreOptions{Lazy: true, Trust: true}, true},
+		{"lz4-prepared", TakeOptions{}, RestoreOptions{}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := startGuest(t, "dirty 8M 0 4", 128<<20)
@@ -93,13 +96,26 @@ func TestSnapshotRestoreDirtyGuest(t *testing.T) {
 			}
 			r.m.Stop()
 			t.Logf("snapshot: %v", st)
-			s := open(t, p)
 			var console testenv.Buffer
-			m, rs, err := Restore([]*Snapshot{s}, machine.Config{Console: &console}, tc.opts)
+			cfg := machine.Config{Console: &console}
+			var built *machine.Machine
+			if tc.prepare {
+				tc.opts.Prepared = Prepare(p, cfg)
+				if tc.opts.Prepared == nil {
+					t.Fatal("Prepare: no shape in a new file's header")
+				}
+				<-tc.opts.Prepared.done
+				built = tc.opts.Prepared.m
+			}
+			s := open(t, p)
+			m, rs, err := Restore([]*Snapshot{s}, cfg, tc.opts)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer m.Close()
+			if tc.prepare && (built == nil || m != built) {
+				t.Fatalf("restore did not use the prepared machine (%p, built %p)", m, built)
+			}
 			t.Logf("restore: %v", rs)
 			runRestored(t, m, &console)
 		})

@@ -42,6 +42,88 @@ func Open(path string) (*Snapshot, error) {
 	return s, nil
 }
 
+// Shape reads the header of the snapshot file at path alone and returns
+// the guest RAM size and vCPU count of the machine it holds; ok is false
+// for a file before format 1.3.0, whose header has no vCPU count. The
+// rest of the file is not checked: Open does that.
+func Shape(path string) (memSize uint64, cpus int, ok bool, err error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, 0, false, fmt.Errorf("snapshot: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return 0, 0, false, fmt.Errorf("snapshot: %w", err)
+	}
+	b := make([]byte, headerSize)
+	if _, err := f.ReadAt(b, 0); err != nil {
+		return 0, 0, false, fmt.Errorf("snapshot: %s: reading the header: %w", path, err)
+	}
+	h, err := parseHeader(b, st.Size())
+	if err != nil {
+		return 0, 0, false, fmt.Errorf("%s: %w", path, err)
+	}
+	return h.memSize, int(h.cpus), h.cpus != 0, nil
+}
+
+// Prepared is a bare machine being built (machine.NewBare) while a
+// snapshot chain is opened: a restore then waits only for the longer of
+// the two. Restore takes it through RestoreOptions.Prepared.
+type Prepared struct {
+	cfg  machine.Config
+	done chan struct{}
+	m    *machine.Machine
+	err  error
+}
+
+// Prepare starts building, in the background, the bare machine that the
+// snapshot at path restores into: its shape from Shape, the rest of the
+// configuration from cfg. It returns nil when the shape is unknown (an
+// older file, an unreadable one: Open then reports why). A Prepared that
+// no Restore takes must be closed.
+func Prepare(path string, cfg machine.Config) *Prepared {
+	memSize, cpus, ok, err := Shape(path)
+	if err != nil || !ok {
+		return nil
+	}
+	cfg.MemSize, cfg.CPUs = memSize, cpus
+	p := &Prepared{cfg: cfg, done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		p.m, p.err = machine.NewBare(cfg)
+	}()
+	return p
+}
+
+// take returns the machine once built, if it has the shape cfg asks for;
+// otherwise it is closed and take returns nil.
+func (p *Prepared) take(cfg machine.Config) *machine.Machine {
+	<-p.done
+	if p.err != nil || p.m == nil {
+		return nil
+	}
+	m := p.m
+	p.m = nil
+	if cfg.MemSize != p.cfg.MemSize || cfg.CPUs != p.cfg.CPUs {
+		m.Close()
+		return nil
+	}
+	return m
+}
+
+// Close releases the machine if no Restore has taken it.
+func (p *Prepared) Close() {
+	if p == nil {
+		return
+	}
+	<-p.done
+	if p.m != nil {
+		p.m.Close()
+		p.m = nil
+	}
+}
+
 // OpenChain opens path and, for an incremental snapshot, its parents by
 // their hints, back to a full snapshot. The chain is returned oldest
 // first and checked (CheckChain).
@@ -403,6 +485,10 @@ type RestoreOptions struct {
 	Trust bool
 	// VerifyHashes checks every page against its content hash.
 	VerifyHashes bool
+	// Prepared, when set, is the bare machine Prepare started building
+	// with the same configuration: Restore uses it when its shape is the
+	// chain's (and closes it otherwise, or on an error).
+	Prepared *Prepared
 	// Progress, when set, is told how far the memory restore is.
 	Progress Progress
 }
@@ -412,6 +498,7 @@ type RestoreOptions struct {
 // memory. The machine is ready to Run. On error no machine is left.
 func Restore(chain []*Snapshot, cfg machine.Config, opts RestoreOptions) (*machine.Machine, *Stats, error) {
 	start := time.Now()
+	defer opts.Prepared.Close() // a no-op once taken
 	if err := CheckChain(chain); err != nil {
 		return nil, nil, err
 	}
@@ -434,9 +521,15 @@ func Restore(chain []*Snapshot, cfg machine.Config, opts RestoreOptions) (*machi
 			name(last), st.MemSize, st.CPUs, cfg.MemSize, cfg.CPUs, machine.ErrConfig)
 	}
 	cfg.MemSize, cfg.CPUs = st.MemSize, st.CPUs
-	m, err := machine.NewBare(cfg)
-	if err != nil {
-		return nil, nil, err
+	var m *machine.Machine
+	if opts.Prepared != nil {
+		m = opts.Prepared.take(cfg)
+	}
+	if m == nil {
+		var err error
+		if m, err = machine.NewBare(cfg); err != nil {
+			return nil, nil, err
+		}
 	}
 	stats := &Stats{MemBytes: last.MemSize(), ID: last.ID}
 	for i, s := range chain {

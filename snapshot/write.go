@@ -290,6 +290,7 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 	if st.MemSize != memSize {
 		return nil, fmt.Errorf("snapshot: the machine state has %d bytes of RAM, the memory %d", st.MemSize, memSize)
 	}
+	h.cpus = uint32(st.CPUs)
 	fs := fileState{Machine: st, Regions: lay.regions, Parent: sp.parentHint, Created: time.Now().UTC()}
 	pos := h.indexOff + h.indexLen
 	if len(sp.disks) > 0 {

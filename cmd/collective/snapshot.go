@@ -130,14 +130,18 @@ func restoreCmd(args []string) int {
 		return 2
 	}
 	defer closeConsole()
+	// The machine is built while the chain is opened and checked.
+	cfg := machine.Config{Console: console, Log: log, Disks: disks}
+	prep := snapshot.Prepare(fs.Arg(fs.NArg()-1), cfg)
 	chain, err := openChain(fs.Args())
 	if err != nil {
+		prep.Close()
 		fmt.Fprintf(os.Stderr, "collective restore: %v\n", err)
 		return 1
 	}
 	defer closeChain(chain)
-	m, stats, err := snapshot.Restore(chain, machine.Config{Console: console, Log: log, Disks: disks},
-		snapshot.RestoreOptions{Lazy: *lazy, Trust: *trust, VerifyHashes: *verify, Progress: snapshot.TerminalProgress(os.Stderr, "restore")})
+	m, stats, err := snapshot.Restore(chain, cfg,
+		snapshot.RestoreOptions{Lazy: *lazy, Trust: *trust, VerifyHashes: *verify, Prepared: prep, Progress: snapshot.TerminalProgress(os.Stderr, "restore")})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "collective restore: %v\n", err)
 		return 1
