@@ -300,8 +300,10 @@ func (s *sender) run(ctx context.Context) error {
 	case "always":
 		s.useLZ4.Store(true)
 	case "auto", "never":
-		// Auto sends plain pages, compressing one data chunk in
-		// sampleEvery to measure, until the measurements say lz4 pays.
+		// Auto sends plain pages, compressing the first MiB of data
+		// chunks and then one in sampleEvery to measure (those go
+		// compressed when it saves), until the measurements say lz4
+		// pays.
 		// (It used to start compressed: on a loopback link with a busy
 		// guest, one worker compressing the first 15 MB of round 0
 		// made the whole migration three times as long.)
@@ -1161,7 +1163,10 @@ func (s *sender) encodeChunk(w chunkWork, round0 bool, scratch []byte, c *lz4blo
 			} else {
 				s.lzOut.Add(int64(len(plain)))
 			}
-			if useLZ4 && n > 0 && n < len(plain)*7/8 {
+			// A chunk compressed only to measure goes compressed too
+			// when that saves: the work is done (and the first MiB of
+			// a small, idle guest's pages then shrinks on the wire).
+			if n > 0 && n < len(plain)*7/8 {
 				enc = encLZ4
 				f = f[:len(f)+n]
 				e.compressed = e.full
