@@ -45,7 +45,8 @@
 //	  48 [16]u8 × popcount(data mask): each stored page's content hash:
 //	         XXH3-128 (seed 0, high 64 bits first) since 1.3.0, SHA-256
 //	         truncated to 128 bits before; a reader hashes by the file's
-//	         version
+//	         version. A raw image has none since 1.3.0: its CRCs cover
+//	         every byte, and a lazy restore reads as little as it can.
 //
 // A full snapshot records every non-zero page; zero pages are omitted (a
 // restore starts from zeroed RAM). Pages the guest never touched

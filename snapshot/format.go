@@ -37,6 +37,9 @@ const (
 	// hashXXH3Minor is the first minor version whose page hashes are
 	// XXH3-128; earlier files hold SHA-256 truncated to 128 bits.
 	hashXXH3Minor = 3
+	// rawNoHashMinor is the first minor version whose raw images store
+	// no page hashes.
+	rawNoHashMinor = 3
 	// cpusMinor is the first minor version whose header holds the vCPU
 	// count (Shape), where earlier ones have a zero reserved field.
 	cpusMinor = 3
@@ -464,10 +467,15 @@ func (s *Snapshot) parseIndex(ib []byte) error {
 		}
 		n := bits.OnesCount64(c.data)
 		hl := n * HashSize
+		if !s.hasPageHashes() {
+			hl = 0
+		}
 		if len(ib)-p-entryFixed < hl {
 			return formatErr(off, "index entry hashes truncated")
 		}
-		c.hashes = ib[p+entryFixed : p+entryFixed+hl]
+		if s.hasPageHashes() {
+			c.hashes = ib[p+entryFixed : p+entryFixed+hl]
+		}
 		p += entryFixed + hl
 		if c.gpa%chunkBytes != 0 || (len(s.chunks) > 0 && c.gpa <= prevGPA) {
 			return formatErr(off, "chunk GPA %#x unaligned or out of order", c.gpa)
@@ -516,16 +524,29 @@ func (s *Snapshot) parseIndex(ib []byte) error {
 	return nil
 }
 
-// PageHashes calls f for every stored page with its GPA and content hash.
+// PageHashes calls f for every stored page with its GPA and content hash
+// (nil in a raw image, which has none since 1.3.0).
 func (s *Snapshot) PageHashes(f func(gpa uint64, hash []byte)) {
 	for _, c := range s.chunks {
 		k := 0
 		for m := c.data; m != 0; m &= m - 1 {
 			i := bits.TrailingZeros64(m)
-			f(c.gpa+uint64(i)*pageSize, c.hashes[k*HashSize:(k+1)*HashSize])
+			var h []byte
+			if c.hashes != nil {
+				h = c.hashes[k*HashSize : (k+1)*HashSize]
+			}
+			f(c.gpa+uint64(i)*pageSize, h)
 			k++
 		}
 	}
+}
+
+// hasPageHashes reports whether s's index holds a content hash per
+// stored page: every file but a raw image from 1.3.0 on, whose chunk
+// checksums cover every byte of the image and whose restore should read
+// as little as it can (a 1 GiB image's hashes were a megabyte).
+func (s *Snapshot) hasPageHashes() bool {
+	return s.h.flags&flagRawImage == 0 || (s.h.major == 1 && s.h.minor < rawNoHashMinor)
 }
 
 // pageHash is the content hash of a page in the files this package

@@ -107,8 +107,17 @@ func TestRoundTrip(t *testing.T) {
 			t.Fatal(err)
 		}
 		sameMem(t, "round trip", mem, img)
-		// Every stored page's hash is its content's.
+		// Every stored page's hash is its content's; a raw image has
+		// none (and its index is that much smaller).
+		n := 0
 		s.PageHashes(func(gpa uint64, h []byte) {
+			n++
+			if raw {
+				if h != nil {
+					t.Fatalf("raw image: a hash for page %#x", gpa)
+				}
+				return
+			}
 			var want [HashSize]byte
 			b, _ := mem.Slice(gpa, pageSize)
 			pageHash(want[:], b)
@@ -116,6 +125,12 @@ func TestRoundTrip(t *testing.T) {
 				t.Fatalf("hash of page %#x", gpa)
 			}
 		})
+		if n != s.Pages() {
+			t.Fatalf("raw=%v: %d pages listed, %d stored", raw, n, s.Pages())
+		}
+		if raw && s.h.indexLen != uint64(len(s.chunks)*entryFixed) {
+			t.Fatalf("raw image index of %d bytes for %d entries", s.h.indexLen, len(s.chunks))
+		}
 	}
 }
 

@@ -349,8 +349,9 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 	return stats, nil
 }
 
-// encodeChunk finds the chunk's non-zero candidate pages, hashes them, and
-// (unless raw) compresses them into buf: straight from guest memory when
+// encodeChunk finds the chunk's non-zero candidate pages and, unless raw
+// (a raw image has no page hashes: its chunk CRCs cover every byte),
+// hashes them and compresses them into buf: straight from guest memory when
 // they are contiguous, else gathered first. The payload may be guest
 // memory itself (plain pages), which holds still while the machine is
 // paused.
@@ -358,7 +359,10 @@ func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4
 	var r result
 	r.c.gpa = wk.gpa
 	crcAcc := uint32(0)
-	hashes := make([]byte, 0, bits.OnesCount64(wk.cand)*HashSize)
+	var hashes []byte
+	if !raw {
+		hashes = make([]byte, 0, bits.OnesCount64(wk.cand)*HashSize)
+	}
 	for m := wk.cand; m != 0; m &= m - 1 {
 		i := bits.TrailingZeros64(m)
 		lo := wk.off + uint64(i)*pageSize
@@ -379,12 +383,13 @@ func encodeChunk(host []byte, wk work, raw, incremental bool, buf []byte, c *lz4
 			continue
 		}
 		r.c.data |= 1 << i
+		if raw {
+			crcAcc = crc32.Update(crcAcc, castagnoli(), page)
+			continue
+		}
 		var hsum [HashSize]byte
 		pageHash(hsum[:], page)
 		hashes = append(hashes, hsum[:]...)
-		if raw {
-			crcAcc = crc32.Update(crcAcc, castagnoli(), page)
-		}
 	}
 	r.c.hashes = hashes
 	if raw {
