@@ -30,9 +30,9 @@
 // (/proc/self/pagemap: neither present nor swapped, in a region whose
 // every mapping is private and anonymous, so never over a lazily mapped
 // snapshot image); later a page that became zero is one bit of a zero
-// frame. lz4 is used when it pays: pages go plain while the first MiB of
-// data chunks, then one in 16, is compressed to measure the ratio and
-// speed (those chunks go compressed when that saves), and lz4 is on only
+// frame. lz4 is used when it pays: it starts on, then one data chunk in 16
+// is compressed to measure the ratio and speed while it is off (those
+// chunks go compressed when that saves), and lz4 is on only
 // while 1/(1/compress rate + ratio/link rate) beats the link rate by 20%
 // (the compress rate is one encoder's times the encoders, one fewer than
 // the CPUs while the guest runs; the link rate is the bandwidth cap or the
