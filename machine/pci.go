@@ -168,6 +168,24 @@ func (m *Machine) closeVirtio() error {
 // quiesceVirtio stops every asynchronous virtio device from taking new
 // requests and waits for those in flight, so that guest memory and device
 // state hold still while the machine is paused.
+// HoldDevices quiesces every virtio device that is not quiesced already
+// (Pause quiesces them; pausing only the VM does not) and returns the
+// function that resumes those it quiesced, and no other: a snapshot holds
+// the devices still for as long as it reads memory and disks.
+func (m *Machine) HoldDevices() (release func()) {
+	var held []virtio.Quiescer
+	for _, d := range m.virtio {
+		if q, ok := d.transport.Device().(virtio.Quiescer); ok && q.Quiesce() {
+			held = append(held, q)
+		}
+	}
+	return func() {
+		for _, q := range held {
+			q.Resume()
+		}
+	}
+}
+
 func (m *Machine) quiesceVirtio(stop bool) {
 	for _, d := range m.virtio {
 		if q, ok := d.transport.Device().(virtio.Quiescer); ok {

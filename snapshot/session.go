@@ -149,6 +149,8 @@ func (ss *Session) Take(path string, opts TakeOptions) (*Stats, error) {
 	if opts.Incremental && (ss.last == nil || !ss.tracking) {
 		return nil, ErrNoParent
 	}
+	// No device may take a chain while memory, disks and state are read.
+	defer ss.m.HoldDevices()()
 	// The state is read (each vCPU's on its own thread) while the memory
 	// is written: it goes last in the file. Take returns only after the
 	// reading is done, so that no caller resumes the machine under it.

@@ -63,10 +63,14 @@ type Device interface {
 
 // Quiescer is implemented by devices that process chains asynchronously.
 // Quiesce stops taking new chains and waits until every chain taken is
-// returned to the used ring; Resume undoes it. The transport quiesces the
-// device around Save so that no chain is lost in a snapshot.
+// returned to the used ring; it reports whether this call quiesced the
+// device (false: it was quiesced already, by a caller who will Resume it).
+// Resume undoes it. The transport quiesces the device around Save so that
+// no chain is lost in a snapshot, and resumes only a device it quiesced:
+// resuming one the machine's Pause quiesced let it take chains while the
+// paused machine's memory and disks were being saved.
 type Quiescer interface {
-	Quiesce()
+	Quiesce() bool
 	Resume()
 }
 

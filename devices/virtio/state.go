@@ -58,8 +58,7 @@ type State struct {
 // Save returns the transport's state. A device that implements Quiescer
 // is quiesced first, so that every chain it took is back in the used ring.
 func (t *Transport) Save() State {
-	if qz, ok := t.dev.(Quiescer); ok {
-		qz.Quiesce()
+	if qz, ok := t.dev.(Quiescer); ok && qz.Quiesce() {
 		defer qz.Resume()
 	}
 	t.mu.Lock()

@@ -507,6 +507,41 @@ func TestResetInFlightAndSaveRestore(t *testing.T) {
 	}
 }
 
+// TestSaveKeepsQuiesced: a device the machine quiesced (Pause) stays
+// quiesced through the transport's Save, which quiesces and resumes only a
+// device it found running. It used to resume it: a snapshot's device then
+// took chains while the paused machine's memory and disks were read, and
+// the restored guest saw completions twice and writes lost (snapshot's
+// TestSnapshotDiskRaw, one run in ten).
+func TestSaveKeepsQuiesced(t *testing.T) {
+	r := newRig(t, false, virtioblk.Config{})
+	if !r.blk.Quiesce() {
+		t.Fatal("Quiesce of a running device reported false")
+	}
+	if r.blk.Quiesce() {
+		t.Fatal("Quiesce of a quiesced device reported true")
+	}
+	for i := range 4 {
+		q := r.newReq(SectorSize)
+		r.header(q, virtioblk.TypeIn, uint64(i))
+		r.q.AddChain([]virtiotest.Buf{{Addr: q.hdr, Len: 16}, {Addr: q.data, Len: SectorSize, Write: true}, {Addr: q.status, Len: 1, Write: true}})
+	}
+	r.q.Kick()
+	st := r.t.Save()
+	time.Sleep(20 * time.Millisecond)
+	if u := r.q.UsedIdx(); u != 0 || st.Queues[0].NextAvail != 0 {
+		t.Fatalf("the quiesced device took chains during or after Save: used idx %d, saved next avail %d", u, st.Queues[0].NextAvail)
+	}
+	r.blk.Resume()
+	deadline := time.Now().Add(5 * time.Second)
+	for r.q.UsedIdx() != 4 {
+		if time.Now().After(deadline) {
+			t.Fatalf("used idx %d after Resume", r.q.UsedIdx())
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 func TestParseDisk(t *testing.T) {
 	for _, tc := range []struct {
 		in   string

@@ -269,19 +269,22 @@ func (b *Block) Reset() {
 }
 
 // Quiesce implements virtio.Quiescer: it returns once no request is in
-// flight, and no new one is taken until Resume.
-func (b *Block) Quiesce() {
+// flight, and no new one is taken until Resume. It reports false when the
+// device was quiesced already (or is not running).
+func (b *Block) Quiesce() bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.run == nil || b.quiesced {
-		return
+		return false
 	}
 	ack := make(chan struct{})
 	select {
 	case b.run.quiesce <- ack:
 		<-ack
 		b.quiesced = true
+		return true
 	case <-b.run.done:
+		return false
 	}
 }
 
