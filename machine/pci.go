@@ -165,9 +165,6 @@ func (m *Machine) closeVirtio() error {
 	return errors.Join(errs...)
 }
 
-// quiesceVirtio stops every asynchronous virtio device from taking new
-// requests and waits for those in flight, so that guest memory and device
-// state hold still while the machine is paused.
 // HoldDevices quiesces every virtio device that is not quiesced already
 // (Pause quiesces them; pausing only the VM does not) and returns the
 // function that resumes those it quiesced, and no other: a snapshot holds
@@ -186,6 +183,9 @@ func (m *Machine) HoldDevices() (release func()) {
 	}
 }
 
+// quiesceVirtio stops every asynchronous virtio device from taking new
+// requests and waits for those in flight, so that guest memory and device
+// state hold still while the machine is paused.
 func (m *Machine) quiesceVirtio(stop bool) {
 	for _, d := range m.virtio {
 		if q, ok := d.transport.Device().(virtio.Quiescer); ok {

@@ -34,15 +34,10 @@ const (
 	chunkBytes = ChunkPages * pageSize
 	// HashSize is the size of a page's content hash.
 	HashSize = 16
-	// hashXXH3Minor is the first minor version whose page hashes are
-	// XXH3-128; earlier files hold SHA-256 truncated to 128 bits.
-	hashXXH3Minor = 3
-	// rawNoHashMinor is the first minor version whose raw images store
-	// no page hashes.
-	rawNoHashMinor = 3
-	// cpusMinor is the first minor version whose header holds the vCPU
-	// count (Shape), where earlier ones have a zero reserved field.
-	cpusMinor = 3
+	// minor13 is format 1.3.0's minor version, from which page hashes
+	// are XXH3-128 (SHA-256/128 before), raw images store none, and the
+	// header holds the vCPU count (Shape; a zero reserved field before).
+	minor13 = 3
 	// maxCPUs bounds the header's vCPU count (KVM's own limit is lower).
 	maxCPUs    = 4096
 	entryFixed = 48
@@ -198,9 +193,9 @@ func parseHeader(b []byte, size int64) (*header, error) {
 		return nil, formatErr(24, "guest RAM size %d", h.memSize)
 	case h.stateLen > MaxStateSize:
 		return nil, formatErr(40, "state section of %d bytes, limit %d", h.stateLen, MaxStateSize)
-	case h.major == 1 && h.minor < cpusMinor && h.cpus != 0:
+	case h.minor < minor13 && h.cpus != 0:
 		return nil, formatErr(120, "reserved field not zero")
-	case (h.major > 1 || h.minor >= cpusMinor) && (h.cpus == 0 || h.cpus > maxCPUs):
+	case h.minor >= minor13 && (h.cpus == 0 || h.cpus > maxCPUs):
 		return nil, formatErr(120, "%d vCPUs", h.cpus)
 	}
 	for _, s := range []struct {
@@ -386,10 +381,6 @@ func Decode(r io.ReaderAt, size int64) (*Snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The ID (SHA-256 of both sections: about a millisecond for the
-	// index of a 1 GiB raw image) is computed while they are decoded.
-	idc := make(chan ID, 1)
-	go func() { idc <- computeID(sb, ib, h.parent) }()
 	var fs fileState
 	dec := json.NewDecoder(bytes.NewReader(sb))
 	dec.DisallowUnknownFields()
@@ -412,7 +403,7 @@ func Decode(r io.ReaderAt, size int64) (*Snapshot, error) {
 		return nil, formatErr(int64(h.stateOff), "machine state has %d vCPUs, the header %d", fs.Machine.CPUs, h.cpus)
 	}
 	s := &Snapshot{
-		Parent: h.parent, Kind: int(h.kind),
+		ID: computeID(sb, ib, h.parent), Parent: h.parent, Kind: int(h.kind),
 		Version: fmt.Sprintf("%d.%d.%d", h.major, h.minor, h.patch),
 		State:   fs.Machine, ParentHint: fs.Parent, Created: fs.Created, Size: size,
 		h: h, r: r, lay: newLayout(h.memSize),
@@ -431,7 +422,6 @@ func Decode(r io.ReaderAt, size int64) (*Snapshot, error) {
 	if err := s.parseDisks(fs.Disks); err != nil {
 		return nil, err
 	}
-	s.ID = <-idc
 	return s, nil
 }
 
@@ -546,7 +536,7 @@ func (s *Snapshot) PageHashes(f func(gpa uint64, hash []byte)) {
 // checksums cover every byte of the image and whose restore should read
 // as little as it can (a 1 GiB image's hashes were a megabyte).
 func (s *Snapshot) hasPageHashes() bool {
-	return s.h.flags&flagRawImage == 0 || (s.h.major == 1 && s.h.minor < rawNoHashMinor)
+	return s.h.flags&flagRawImage == 0 || s.h.minor < minor13
 }
 
 // pageHash is the content hash of a page in the files this package
@@ -569,7 +559,7 @@ func pageHashSHA(dst, page []byte) {
 
 // hashPage computes a page's content hash as s's format defines it.
 func (s *Snapshot) hashPage(dst, page []byte) {
-	if s.h.major == 1 && s.h.minor < hashXXH3Minor {
+	if s.h.minor < minor13 {
 		pageHashSHA(dst, page)
 		return
 	}

@@ -94,7 +94,7 @@ func TestRoundTrip(t *testing.T) {
 		if raw {
 			p += ".raw"
 		}
-		st, err := writeFile(p, writeSpec{mem: mem, state: fakeState(testMem), raw: raw})
+		st, err := writeFile(p, writeSpec{mem: mem, state: stateOf(fakeState(testMem)), raw: raw})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -141,7 +141,7 @@ func chain(t *testing.T, dir string) (*guestmem.Memory, []string) {
 	scribble(mem, rng, 1500)
 	mem.Regions()[0].TakeDirty()
 	paths := []string{filepath.Join(dir, "0.snap"), filepath.Join(dir, "1.snap"), filepath.Join(dir, "2.snap")}
-	st, err := writeFile(paths[0], writeSpec{mem: mem, state: fakeState(testMem)})
+	st, err := writeFile(paths[0], writeSpec{mem: mem, state: stateOf(fakeState(testMem))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,7 +149,7 @@ func chain(t *testing.T, dir string) (*guestmem.Memory, []string) {
 	for i := 1; i < 3; i++ {
 		scribble(mem, rng, 300)
 		dirty := [][]uint64{mem.Regions()[0].TakeDirty()}
-		st, err := writeFile(paths[i], writeSpec{mem: mem, dirty: dirty, state: fakeState(testMem), parent: parent, parentHint: filepath.Base(paths[i-1])})
+		st, err := writeFile(paths[i], writeSpec{mem: mem, dirty: dirty, state: stateOf(fakeState(testMem)), parent: parent, parentHint: filepath.Base(paths[i-1])})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -210,7 +210,7 @@ func TestCorruptAndTruncated(t *testing.T) {
 	scribble(mem, rand.New(rand.NewPCG(5, 6)), 500)
 	for _, raw := range []bool{false, true} {
 		p := filepath.Join(dir, "s")
-		if _, err := writeFile(p, writeSpec{mem: mem, state: fakeState(testMem), raw: raw}); err != nil {
+		if _, err := writeFile(p, writeSpec{mem: mem, state: stateOf(fakeState(testMem)), raw: raw}); err != nil {
 			t.Fatal(err)
 		}
 		good, _ := os.ReadFile(p)
@@ -260,7 +260,7 @@ func TestCorruptAndTruncated(t *testing.T) {
 func TestVersionRefused(t *testing.T) {
 	dir := t.TempDir()
 	p := filepath.Join(dir, "s")
-	if _, err := writeFile(p, writeSpec{mem: fakeMem(t, testMem), state: fakeState(testMem)}); err != nil {
+	if _, err := writeFile(p, writeSpec{mem: fakeMem(t, testMem), state: stateOf(fakeState(testMem))}); err != nil {
 		t.Fatal(err)
 	}
 	good, _ := os.ReadFile(p)
@@ -291,7 +291,7 @@ func TestGolden(t *testing.T) {
 		mem := fakeMem(t, 16<<20)
 		scribble(mem, rand.New(rand.NewPCG(7, 8)), 40)
 		os.MkdirAll("testdata", 0o755)
-		if _, err := writeFile(p, writeSpec{mem: mem, state: fakeState(16 << 20)}); err != nil {
+		if _, err := writeFile(p, writeSpec{mem: mem, state: stateOf(fakeState(16 << 20))}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -364,7 +364,7 @@ func TestFullSkipsUntouched(t *testing.T) {
 	var paths []string
 	for _, raw := range []bool{false, true} {
 		p := filepath.Join(dir, fmt.Sprintf("full-raw=%v", raw))
-		st, err := writeFile(p, writeSpec{mem: mem, state: fakeState(testMem), raw: raw})
+		st, err := writeFile(p, writeSpec{mem: mem, state: stateOf(fakeState(testMem)), raw: raw})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -457,7 +457,7 @@ func TestShape(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := writeFile(p, writeSpec{mem: fakeMem(t, testMem), state: st}); err != nil {
+	if _, err := writeFile(p, writeSpec{mem: fakeMem(t, testMem), state: stateOf(st)}); err != nil {
 		t.Fatal(err)
 	}
 	mem, cpus, ok, err := Shape(p)
@@ -480,7 +480,7 @@ func TestShape(t *testing.T) {
 	}
 	// A machine prepared for another file's shape (1 vCPU).
 	other := filepath.Join(dir, "other")
-	if _, err := writeFile(other, writeSpec{mem: fakeMem(t, testMem), state: fakeState(testMem)}); err != nil {
+	if _, err := writeFile(other, writeSpec{mem: fakeMem(t, testMem), state: stateOf(fakeState(testMem))}); err != nil {
 		t.Fatal(err)
 	}
 	prep := Prepare(other, machine.Config{})

@@ -600,7 +600,7 @@ func Merge(out string, chain []*Snapshot, raw bool, progress Progress) (*Stats, 
 	if err := checkChainDisks(chain); err != nil {
 		return nil, err
 	}
-	return writeFile(out, writeSpec{mem: mem, state: last.State, raw: raw, progress: progress, disks: mergeDisks(chain)})
+	return writeFile(out, writeSpec{mem: mem, state: stateOf(last.State), raw: raw, progress: progress, disks: mergeDisks(chain)})
 }
 
 // ImageOf returns the guest memory a chain describes, in host memory.

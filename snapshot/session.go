@@ -169,7 +169,7 @@ func (ss *Session) Take(path string, opts TakeOptions) (*Stats, error) {
 	if err := syncDisks(disks); err != nil {
 		return nil, err
 	}
-	spec := writeSpec{mem: ss.m.Memory(), stateFn: state, memSize: ss.m.Config().MemSize, raw: opts.Raw, progress: opts.Progress}
+	spec := writeSpec{mem: ss.m.Memory(), state: state, raw: opts.Raw, progress: opts.Progress}
 	if opts.Incremental {
 		// Logs are taken before memory is read: a write after this point
 		// is in the copy, or in the next log, or both.

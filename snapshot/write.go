@@ -59,12 +59,10 @@ type Progress func(done, total uint64)
 type writeSpec struct {
 	mem   *guestmem.Memory
 	dirty [][]uint64 // per region; nil for a full snapshot
-	state *machine.MachineState
-	// stateFn, when state is nil, returns the state, which is read while
-	// the memory is being written (it goes last in the file). memSize is
-	// then the guest RAM size.
-	stateFn    func() (*machine.MachineState, error)
-	memSize    uint64
+	// state returns the machine state. It is called once the memory is
+	// written (the state goes last in the file), so that a running
+	// machine's can be read meanwhile (Session.Take).
+	state      func() (*machine.MachineState, error)
 	parent     ID
 	parentHint string
 	raw        bool
@@ -114,12 +112,12 @@ var zeroPage = make([]byte, pageSize)
 // into place).
 func writeFile(path string, sp writeSpec) (*Stats, error) {
 	start := time.Now()
-	memSize := sp.memSize
-	if sp.state != nil {
-		memSize = sp.state.MemSize
+	regs := sp.mem.Regions()
+	var memSize uint64 // guest RAM: its regions (boot.RAMLayout) add up to it
+	for _, r := range regs {
+		memSize += r.Size()
 	}
 	lay := newLayout(memSize)
-	regs := sp.mem.Regions()
 	if len(regs) != len(lay.regions) {
 		return nil, fmt.Errorf("snapshot: memory has %d regions, the layout of %d bytes %d", len(regs), memSize, len(lay.regions))
 	}
@@ -280,12 +278,9 @@ func writeFile(path string, sp writeSpec) (*Stats, error) {
 	if _, err := f.WriteAt(ib, int64(h.indexOff)); err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
 	}
-	st := sp.state
-	if st == nil {
-		var err error
-		if st, err = sp.stateFn(); err != nil {
-			return nil, err
-		}
+	st, err := sp.state()
+	if err != nil {
+		return nil, err
 	}
 	if st.MemSize != memSize {
 		return nil, fmt.Errorf("snapshot: the machine state has %d bytes of RAM, the memory %d", st.MemSize, memSize)
@@ -523,7 +518,7 @@ func parentHint(child, parent string) string {
 // st.MemSize) with state st: for tools and tests that hold memory
 // themselves; a running machine's snapshots go through a Session.
 func WriteFull(path string, mem *guestmem.Memory, st *machine.MachineState, raw bool) (*Stats, error) {
-	return writeFile(path, writeSpec{mem: mem, state: st, raw: raw})
+	return writeFile(path, writeSpec{mem: mem, state: stateOf(st), raw: raw})
 }
 
 // WriteIncremental writes an incremental snapshot of the pages of mem
@@ -532,5 +527,10 @@ func WriteIncremental(path string, mem *guestmem.Memory, dirty [][]uint64, st *m
 	if len(dirty) != len(mem.Regions()) {
 		return nil, fmt.Errorf("snapshot: %d dirty bitmaps for %d regions", len(dirty), len(mem.Regions()))
 	}
-	return writeFile(path, writeSpec{mem: mem, dirty: dirty, state: st, parent: parent.ID, parentHint: parentHint(path, parent.Path)})
+	return writeFile(path, writeSpec{mem: mem, dirty: dirty, state: stateOf(st), parent: parent.ID, parentHint: parentHint(path, parent.Path)})
+}
+
+// stateOf returns a writeSpec.state for a state at hand.
+func stateOf(st *machine.MachineState) func() (*machine.MachineState, error) {
+	return func() (*machine.MachineState, error) { return st, nil }
 }

@@ -23,7 +23,7 @@ func BenchmarkWrite25(b *testing.B) {
 	for _, raw := range []bool{false, true} {
 		b.Run(map[bool]string{false: "lz4", true: "raw"}[raw], func(b *testing.B) {
 			for i := 0; i < b.N; i++ {
-				if _, err := writeFile(filepath.Join(dir, "s"), writeSpec{mem: mem, state: fakeState(size), raw: raw}); err != nil {
+				if _, err := writeFile(filepath.Join(dir, "s"), writeSpec{mem: mem, state: stateOf(fakeState(size)), raw: raw}); err != nil {
 					b.Fatal(err)
 				}
 			}

@@ -149,6 +149,18 @@ type req struct {
 	hdr, data, status uint64
 }
 
+// waitUsed waits up to 5 s for the used index to reach n.
+func (r *rig) waitUsed(t testing.TB, n uint16, when string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for r.q.UsedIdx() != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("used idx %d %s, want %d", r.q.UsedIdx(), when, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 func (r *rig) newReq(dataLen uint64) req {
 	return req{hdr: r.drv.Alloc(16, 16), data: r.drv.Alloc(max(dataLen, 16), 512), status: r.drv.Alloc(1, 1)}
 }
@@ -493,13 +505,7 @@ func TestResetInFlightAndSaveRestore(t *testing.T) {
 	}
 	// The restored device finishes the rest of the ring.
 	r.q.Kick()
-	deadline := time.Now().Add(5 * time.Second)
-	for r.q.UsedIdx() != 16 {
-		if time.Now().After(deadline) {
-			t.Fatalf("used idx %d after restore", r.q.UsedIdx())
-		}
-		time.Sleep(time.Millisecond)
-	}
+	r.waitUsed(t, 16, "after restore")
 	bad := bst
 	bad.Capacity++
 	if err := r.blk.Restore(bad); err == nil {
@@ -533,13 +539,7 @@ func TestSaveKeepsQuiesced(t *testing.T) {
 		t.Fatalf("the quiesced device took chains during or after Save: used idx %d, saved next avail %d", u, st.Queues[0].NextAvail)
 	}
 	r.blk.Resume()
-	deadline := time.Now().Add(5 * time.Second)
-	for r.q.UsedIdx() != 4 {
-		if time.Now().After(deadline) {
-			t.Fatalf("used idx %d after Resume", r.q.UsedIdx())
-		}
-		time.Sleep(time.Millisecond)
-	}
+	r.waitUsed(t, 4, "after Resume")
 }
 
 func TestParseDisk(t *testing.T) {
