@@ -135,6 +135,7 @@ type receiver struct {
 	// binaryState: the welcome asked for the binary state encoding.
 	binaryState bool
 	plain       []byte
+	dsts        [][]byte // directPages' destinations
 
 	disks     []DiskInfo
 	basePaths []string
@@ -147,19 +148,59 @@ func (r *receiver) next() (frame, error) {
 	}
 	f, err := r.fr.next()
 	if err != nil {
-		if err == io.EOF || errors.Is(err, io.ErrUnexpectedEOF) {
-			return f, fmt.Errorf("migrate: the source closed the connection at byte %d: %w", r.fr.off, err)
-		}
-		var pe *ProtocolError
-		if errors.As(err, &pe) {
-			return f, err
-		}
-		return f, fmt.Errorf("migrate: reading from the source: %w", err)
+		return f, r.readErr(err)
 	}
 	if f.typ == frameError {
 		return f, &RemoteError{string(f.payload[:min(len(f.payload), MaxErrorText)])}
 	}
 	return f, nil
+}
+
+func (r *receiver) readErr(err error) error {
+	if err == io.EOF || errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("migrate: the source closed the connection at byte %d: %w", r.fr.off, err)
+	}
+	var pe *ProtocolError
+	if errors.As(err, &pe) {
+		return err
+	}
+	return fmt.Errorf("migrate: reading from the source: %w", err)
+}
+
+// directPages reads the next frame when it is a pages frame of plain
+// pages that all lie in guest memory: straight into that memory, without
+// the copy through the frame buffer (a tenth of a target's CPU for a
+// round 0 of dense pages). It reports whether it read one; any other
+// frame, or one that fails these checks, is left to next.
+func (r *receiver) directPages() (bool, error) {
+	if r.dl != nil {
+		r.dl.SetReadDeadline(time.Now().Add(r.opts.IdleTimeout))
+	}
+	c, ok, err := r.fr.peekPlainPages()
+	if err != nil {
+		return false, r.readErr(err)
+	}
+	if !ok {
+		return false, nil
+	}
+	r.dsts = r.dsts[:0]
+	pageRuns(c.mask, func(first, n int) bool {
+		p, err := r.mem.Slice(c.gpa+uint64(first)*pageSize, uint64(n)*pageSize)
+		if err != nil {
+			ok = false
+			return false
+		}
+		r.dsts = append(r.dsts, p)
+		return true
+	})
+	if !ok {
+		return false, nil // pages() reports the page outside memory
+	}
+	if err := r.fr.readPlainPages(c, r.dsts); err != nil {
+		return false, r.readErr(err)
+	}
+	r.stats.Pages += int64(bits.OnesCount64(c.mask))
+	return true, nil
 }
 
 func (r *receiver) run(ctx context.Context) (*Incoming, error) {
@@ -247,6 +288,11 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 	var st *machine.MachineState
 	round := 0
 	for {
+		if done, err := r.directPages(); err != nil {
+			return nil, err
+		} else if done {
+			continue
+		}
 		f, err := r.next()
 		if err != nil {
 			return nil, err

@@ -178,6 +178,90 @@ func (fr *frameReader) next() (frame, error) {
 	return frame{typ: typ, payload: rest[:n], off: off}, nil
 }
 
+// plainPagesHead is the part of a plain pages frame read before its
+// pages: the frame header, the chunk header and the encoding byte.
+const plainPagesHead = headerSize + 16 + 1
+
+// peekPlainPages reports whether the next frame is a pages frame of plain
+// pages whose length agrees with its mask, and returns its chunk header.
+// It peeks only into bytes the frame itself holds (a peek past the
+// stream's last frame would wait for bytes that never come). An error is
+// the stream's: a frame that is something else is left to next.
+func (fr *frameReader) peekPlainPages() (chunkHeader, bool, error) {
+	h, err := fr.r.Peek(headerSize) // every frame holds at least its header
+	if err != nil {
+		return chunkHeader{}, false, err
+	}
+	n := binary.LittleEndian.Uint32(h[4:8])
+	if h[0] != framePages || h[1]|h[2]|h[3] != 0 || n < 17+pageSize || n > MaxPayload {
+		return chunkHeader{}, false, nil
+	}
+	if h, err = fr.r.Peek(plainPagesHead); err != nil {
+		return chunkHeader{}, false, unexpected(err)
+	}
+	c := chunkHeader{binary.LittleEndian.Uint64(h[headerSize:]), binary.LittleEndian.Uint64(h[headerSize+8:])}
+	if h[plainPagesHead-1] != encPlain || c.gpa%chunkBytes != 0 || c.mask == 0 || uint64(n) != 17+uint64(bits.OnesCount64(c.mask))*pageSize {
+		return chunkHeader{}, false, nil
+	}
+	return c, true, nil
+}
+
+// pageRuns calls f with the first page and the length of each run of
+// contiguous pages in mask, in order, until f returns false.
+func pageRuns(mask uint64, f func(first, n int) bool) {
+	for m := mask; m != 0; {
+		i := bits.TrailingZeros64(m)
+		n := bits.TrailingZeros64(^(m >> i)) // 64 when every page from i is set
+		if i+n >= 64 {
+			m = 0
+		} else {
+			m &^= (1<<n - 1) << i
+		}
+		if !f(i, n) {
+			return
+		}
+	}
+}
+
+// readPlainPages reads the plain pages frame peekPlainPages found straight
+// into dsts, the destinations of its runs of pages (pageRuns) in order,
+// with no copy through a buffer. The frame's CRC is checked once the pages
+// are in place; on a mismatch the caller must treat everything written as
+// garbage (the target then discards its machine, as for any protocol
+// error).
+func (fr *frameReader) readPlainPages(c chunkHeader, dsts [][]byte) error {
+	off := fr.off
+	h := fr.buf[:plainPagesHead]
+	if _, err := io.ReadFull(fr.r, h); err != nil {
+		return err
+	}
+	crc := crc32.Update(0, castagnoli(), h)
+	for _, dst := range dsts {
+		if _, err := io.ReadFull(fr.r, dst); err != nil {
+			return unexpected(err)
+		}
+		crc = crc32.Update(crc, castagnoli(), dst)
+	}
+	t := fr.buf[:trailSize]
+	if _, err := io.ReadFull(fr.r, t); err != nil {
+		return unexpected(err)
+	}
+	fr.off += int64(plainPagesHead + bits.OnesCount64(c.mask)*pageSize + trailSize)
+	if want := binary.LittleEndian.Uint32(t); crc != want {
+		return &ProtocolError{off, fmt.Sprintf("pages frame: CRC-32C %#08x, the frame says %#08x (corrupted)", crc, want)}
+	}
+	return nil
+}
+
+// unexpected turns io.EOF into io.ErrUnexpectedEOF: the stream ended
+// inside a frame.
+func unexpected(err error) error {
+	if err == io.EOF {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
 // frameWriter writes frames through a buffer, counting bytes and pacing
 // them to a bandwidth limit.
 type frameWriter struct {
