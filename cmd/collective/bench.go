@@ -86,6 +86,15 @@ func benchCmd(args []string) int {
 		ps = ps[:2]
 	}
 	which := fs.Arg(0)
+	switch which {
+	case "all", "boot", "exits", "memory", "snapshot", "blk", "migrate":
+	default:
+		fs.Usage()
+		return 2
+	}
+	if note := hostNote(); note != "" {
+		fmt.Fprint(os.Stderr, note)
+	}
 	ok := true
 	for _, b := range []struct {
 		name string
