@@ -178,9 +178,12 @@ func (fr *frameReader) next() (frame, error) {
 	return frame{typ: typ, payload: rest[:n], off: off}, nil
 }
 
-// plainPagesHead is the part of a plain pages frame read before its
-// pages: the frame header, the chunk header and the encoding byte.
-const plainPagesHead = headerSize + 16 + 1
+// pagesPrefix is a pages frame's payload before its pages: the chunk
+// header and the encoding byte. plainPagesHead adds the frame header.
+const (
+	pagesPrefix    = 16 + 1
+	plainPagesHead = headerSize + pagesPrefix
+)
 
 // peekPlainPages reports whether the next frame is a pages frame of plain
 // pages whose length agrees with its mask, and returns its chunk header.
@@ -193,14 +196,14 @@ func (fr *frameReader) peekPlainPages() (chunkHeader, bool, error) {
 		return chunkHeader{}, false, err
 	}
 	n := binary.LittleEndian.Uint32(h[4:8])
-	if h[0] != framePages || h[1]|h[2]|h[3] != 0 || n < 17+pageSize || n > MaxPayload {
+	if h[0] != framePages || h[1]|h[2]|h[3] != 0 || n < pagesPrefix+pageSize || n > MaxPayload {
 		return chunkHeader{}, false, nil
 	}
 	if h, err = fr.r.Peek(plainPagesHead); err != nil {
 		return chunkHeader{}, false, unexpected(err)
 	}
 	c := chunkHeader{binary.LittleEndian.Uint64(h[headerSize:]), binary.LittleEndian.Uint64(h[headerSize+8:])}
-	if h[plainPagesHead-1] != encPlain || c.gpa%chunkBytes != 0 || c.mask == 0 || uint64(n) != 17+uint64(bits.OnesCount64(c.mask))*pageSize {
+	if h[plainPagesHead-1] != encPlain || c.gpa%chunkBytes != 0 || c.mask == 0 || uint64(n) != pagesPrefix+uint64(bits.OnesCount64(c.mask))*pageSize {
 		return chunkHeader{}, false, nil
 	}
 	return c, true, nil

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"math/bits"
 	"testing"
 )
 
@@ -12,10 +13,7 @@ import (
 func plainPagesFrame(gpa, mask uint64) []byte {
 	f := append(appendChunkHeader(beginFrame(nil, framePages), gpa, mask), encPlain)
 	for m := mask; m != 0; m &= m - 1 {
-		i := 0
-		for m>>i&1 == 0 {
-			i++
-		}
+		i := bits.TrailingZeros64(m)
 		f = append(f, bytes.Repeat([]byte{byte(i + 1)}, pageSize)...)
 	}
 	return finishFrame(f)
