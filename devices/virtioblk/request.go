@@ -149,16 +149,20 @@ func (b *Block) submit(r *runState, req *request) bool {
 		return false
 	}
 	req.n, req.statusAddr, req.span = s.limit, p.statusAddr, s
+	// Count before submitting: the completion may reach the guest, and
+	// a reader of the metrics, before Submit returns.
+	counter := &b.Metrics.Reads
+	if req.write {
+		counter = &b.Metrics.Writes
+	}
+	b.Metrics.Submitted.Add(1)
+	counter.Add(1)
 	r.wg.Add(1)
 	if !b.sub.Submit(req.write, req.bufs, int64(p.h.sector*SectorSize), req.done) {
 		r.wg.Done()
+		b.Metrics.Submitted.Add(^uint64(0))
+		counter.Add(^uint64(0))
 		return false
-	}
-	b.Metrics.Submitted.Add(1)
-	if req.write {
-		b.Metrics.Writes.Add(1)
-	} else {
-		b.Metrics.Reads.Add(1)
 	}
 	return true
 }
