@@ -733,3 +733,115 @@ func TestReadMarksDirtyAfterData(t *testing.T) {
 		t.Errorf("the read's buffer (page %d) is not in the dirty log taken after the data landed", page)
 	}
 }
+
+// failingWritev is a raw image whose vectored writes fail: merged writes
+// must then be served one by one.
+type failingWritev struct{ *virtioblk.Raw }
+
+func (f failingWritev) VectorWriter() virtioblk.VectorWriter { return f }
+func (failingWritev) WritevAt([][]byte, int64) (int64, error) {
+	return 0, errFail
+}
+
+// TestMergedWrites queues writes before the device looks (it is quiesced
+// meanwhile): adjacent ones are served by one vectored write, a read
+// between them ends a batch, and every request completes with its data
+// on the disk. When the vectored write fails, each write is served on its
+// own and still succeeds.
+func TestMergedWrites(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		open       func(string, bool) (virtioblk.Backend, error)
+		wantMerged uint64
+	}{
+		{"tracked raw", func(path string, ro bool) (virtioblk.Backend, error) {
+			raw, err := virtioblk.OpenRaw(path, ro)
+			return virtioblk.NewTracker(raw), err
+		}, 3},
+		{"failing writev", func(path string, ro bool) (virtioblk.Backend, error) {
+			raw, err := virtioblk.OpenRaw(path, ro)
+			return failingWritev{raw}, err
+		}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRigOn(t, false, virtioblk.Config{}, tc.open)
+			type w struct {
+				sector  uint64
+				sectors int
+				pieces  int // descriptors for the data
+			}
+			// 8-9 (two pieces), 10, 11-13 merge; a read of 0; 100, 101 merge.
+			writes := []w{{8, 2, 2}, {10, 1, 1}, {11, 3, 1}, {0, 0, 0}, {100, 1, 1}, {101, 2, 2}}
+			if !r.blk.Quiesce() {
+				t.Fatal("Quiesce: not running")
+			}
+			var reqs []req
+			var want [][]byte
+			for i, wr := range writes {
+				q := r.newReq(uint64(max(wr.sectors, 1)) * SectorSize)
+				reqs = append(reqs, q)
+				if wr.sectors == 0 {
+					r.header(q, virtioblk.TypeIn, wr.sector)
+					want = append(want, nil)
+					r.q.AddChain([]virtiotest.Buf{{Addr: q.hdr, Len: 16}, {Addr: q.data, Len: SectorSize, Write: true}, {Addr: q.status, Len: 1, Write: true}})
+					continue
+				}
+				data := bytes.Repeat([]byte{byte(0xa0 + i)}, wr.sectors*SectorSize)
+				for j := range data {
+					data[j] ^= byte(j / SectorSize)
+				}
+				want = append(want, data)
+				r.header(q, virtioblk.TypeOut, wr.sector)
+				r.mem.WriteAt(data, q.data)
+				bufs := []virtiotest.Buf{{Addr: q.hdr, Len: 16}}
+				piece := len(data) / wr.pieces
+				for p := range wr.pieces {
+					bufs = append(bufs, virtiotest.Buf{Addr: q.data + uint64(p*piece), Len: uint32(piece)})
+				}
+				r.q.AddChain(append(bufs, virtiotest.Buf{Addr: q.status, Len: 1, Write: true}))
+			}
+			r.q.Kick()
+			r.blk.Resume()
+			r.waitUsed(t, uint16(len(writes)), "after the batch")
+			for i, q := range reqs {
+				var st [1]byte
+				r.mem.ReadAt(st[:], q.status)
+				if st[0] != virtioblk.StatusOK {
+					t.Errorf("request %d: status %d", i, st[0])
+				}
+			}
+			got := make([]byte, SectorSize)
+			r.mem.ReadAt(got, reqs[3].data)
+			if !bytes.Equal(got, sectorPattern(0)) {
+				t.Errorf("the read between the writes: %x..., want sector 0's pattern", got[:8])
+			}
+			f, err := os.ReadFile(r.path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, wr := range writes {
+				if wr.sectors == 0 {
+					continue
+				}
+				if at := f[wr.sector*SectorSize:][:len(want[i])]; !bytes.Equal(at, want[i]) {
+					t.Errorf("write %d (sector %d): the file holds %x..., want %x...", i, wr.sector, at[:4], want[i][:4])
+				}
+			}
+			if !bytes.Equal(f[14*SectorSize:15*SectorSize], sectorPattern(14)) {
+				t.Error("sector 14, after the merged writes, changed")
+			}
+			if n := r.blk.Metrics.Merged.Load(); n != tc.wantMerged {
+				t.Errorf("Merged = %d, want %d", n, tc.wantMerged)
+			}
+			if n := r.blk.Metrics.Writes.Load(); n != 5 {
+				t.Errorf("Writes = %d, want 5", n)
+			}
+			if tr, ok := r.blk.Backend().(*virtioblk.Tracker); ok {
+				// 8..13 and 100..102 lie in the first tracking block.
+				if d := tr.TakeDirty(); d[0] != 1 {
+					t.Errorf("tracker's dirty bitmap %#x, want 0x1", d[0])
+				}
+			}
+		})
+	}
+}

@@ -82,6 +82,7 @@ type Metrics struct {
 	Unsupported                                           atomic.Uint64
 	Malformed                                             atomic.Uint64 // chains that could not carry a request
 	Submitted                                             atomic.Uint64 // reads and writes started through the backend's Submitter
+	Merged                                                atomic.Uint64 // writes served by the system call of an adjacent one
 }
 
 // Block is a virtio block device. It implements virtio.Device and
@@ -94,7 +95,8 @@ type Block struct {
 	qsize    uint16
 	maxIn    int
 	workers  int
-	sub      Submitter // nil: every request goes to a worker
+	sub      Submitter    // nil: every request goes to a worker
+	vec      VectorWriter // nil: no write merging
 	log      *slog.Logger
 	config   [configSize]byte // immutable
 
@@ -120,6 +122,10 @@ type runState struct {
 	done     chan struct{} // closed when the dispatcher returns
 	wg       sync.WaitGroup
 	nworkers int // started so far; the dispatcher's alone
+	// batch is the open run of adjacent writes, held by the dispatcher
+	// until the ring is empty or a request does not join it; the
+	// dispatcher's alone.
+	batch *request
 }
 
 type request struct {
@@ -133,6 +139,15 @@ type request struct {
 	span       span   // the data buffers
 	statusAddr uint64
 	done       func(int64, error) // calls submitted
+
+	// Merged writes (join): a batch is a list of adjacent writes from
+	// its head, whose fields below cover the whole batch.
+	p      parsed
+	next   *request
+	tail   *request
+	nbatch int    // requests; 0: not a batch
+	niov   int    // buffers
+	bytes  uint64 // data bytes
 }
 
 // New returns a block device on cfg.Backend.
@@ -155,6 +170,9 @@ func New(cfg Config) (*Block, error) {
 	}
 	if a, ok := cfg.Backend.(interface{ Async() Submitter }); ok {
 		b.sub = a.Async()
+	}
+	if v, ok := cfg.Backend.(interface{ VectorWriter() VectorWriter }); ok {
+		b.vec = v.VectorWriter()
 	}
 	if b.workers <= 0 {
 		b.workers = DefaultWorkers
@@ -307,6 +325,23 @@ func (b *Block) dispatch(r *runState) {
 	// wait blocks for ev (nil: only control events). It reports false when
 	// the device stops.
 	wait := func(ev <-chan struct{}, freeCh <-chan *request) bool {
+		// A free slot at hand: the open batch may grow. Not when
+		// the device stops: a guest that keeps the ring full must
+		// not hold a reset off.
+		if freeCh != nil {
+			select {
+			case <-r.stop:
+			default:
+				select {
+				case slot = <-freeCh:
+					return true
+				default:
+				}
+			}
+		}
+		// Nothing waits in a batch while the dispatcher does: its
+		// requests hold slots that quiesce and stop wait for.
+		b.flush(r)
 		for {
 			select {
 			case <-ev:
@@ -376,12 +411,70 @@ func (b *Block) dispatch(r *runState) {
 	}
 }
 
-// hand gives req to an idle worker, starting a new one when none is idle
-// and the pool is below its bound.
+// hand starts req through the backend's Submitter, or adds it to the open
+// batch, or gives it to a worker.
 func (b *Block) hand(r *runState, req *request) {
+	req.nbatch, req.next = 0, nil
 	if b.sub != nil && b.submit(r, req) {
 		return
 	}
+	if b.vec != nil && b.join(r, req) {
+		return
+	}
+	b.flush(r)
+	b.toWorker(r, req)
+}
+
+// Bounds of one merged write.
+const (
+	maxBatchBytes  = 4 << 20
+	maxBatchIovecs = iovMax
+)
+
+// join adds req to the open batch when it writes right after it, or opens
+// a new batch with it (handing the open one to a worker). It reports false
+// for a request that cannot be merged: other types, malformed or out of
+// range ones (a worker serves them, and refuses them).
+//
+// Only writes merge. The kernel serializes buffered writes to one file,
+// and one large write costs it less than several (measured: 1 MiB writes
+// at queue depth 4, about 14% more throughput merged, as QEMU's merging
+// gains over its request-merging=off). Reads from the page cache run in
+// parallel on several workers, which beat one merged read (about 10%).
+func (b *Block) join(r *runState, req *request) bool {
+	p, ok := b.parse(r, req.chain)
+	if !ok || p.h.typ != TypeOut || b.ro {
+		return false
+	}
+	s := p.readable
+	if s.limit == 0 || !b.inRange(p.h.sector, s.limit) {
+		return false
+	}
+	n := s.pieces()
+	req.p = p
+	if h := r.batch; h != nil && h.p.h.sector+h.bytes/SectorSize == p.h.sector &&
+		h.niov+n <= maxBatchIovecs && h.bytes+s.limit <= maxBatchBytes {
+		h.tail.next, h.tail = req, req
+		h.nbatch, h.niov, h.bytes = h.nbatch+1, h.niov+n, h.bytes+s.limit
+		return true
+	}
+	b.flush(r)
+	req.tail, req.nbatch, req.niov, req.bytes = req, 1, n, s.limit
+	r.batch = req
+	return true
+}
+
+// flush hands the open batch, if any, to a worker.
+func (b *Block) flush(r *runState) {
+	if h := r.batch; h != nil {
+		r.batch = nil
+		b.toWorker(r, h)
+	}
+}
+
+// toWorker gives req to an idle worker, starting a new one when none is
+// idle and the pool is below its bound.
+func (b *Block) toWorker(r *runState, req *request) {
 	select {
 	case r.work <- req:
 		return
@@ -398,6 +491,10 @@ func (b *Block) hand(r *runState, req *request) {
 func (b *Block) worker(r *runState) {
 	defer r.wg.Done()
 	for req := range r.work {
+		if req.nbatch > 1 {
+			b.serveBatch(r, req)
+			continue
+		}
 		n := b.handle(r, req)
 		b.complete(r, req.chain.Head, n)
 		r.free <- req

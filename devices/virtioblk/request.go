@@ -47,6 +47,16 @@ func (s span) each(fn func(addr, n uint64) bool) bool {
 	return true
 }
 
+// pieces returns how many buffers each visits.
+func (s span) pieces() int {
+	n := 0
+	s.each(func(uint64, uint64) bool {
+		n++
+		return true
+	})
+	return n
+}
+
 // read copies the first len(p) bytes of s into p.
 func (b *Block) read(r *runState, s span, p []byte) bool {
 	s.limit = uint64(len(p))
@@ -192,6 +202,45 @@ func (b *Block) submitted(r *runState, req *request, err error) {
 	b.complete(r, req.chain.Head, b.finish(r, req.statusAddr, status, written))
 	r.free <- req
 	r.wg.Done()
+}
+
+// serveBatch serves a batch of adjacent writes (join) with one vectored
+// call, then completes each request. When the call or a buffer fails, each
+// request is served on its own, so that an error is only that request's.
+func (b *Block) serveBatch(r *runState, h *request) {
+	h.bufs = h.bufs[:0]
+	ok := true
+	for q := h; q != nil && ok; q = q.next {
+		ok = q.p.readable.each(func(addr, k uint64) bool {
+			buf, err := r.mem.Slice(addr, k)
+			h.bufs = append(h.bufs, buf)
+			return err == nil
+		})
+	}
+	if ok {
+		// TOCTOU as in serve: the disk holds what the guest left.
+		_, err := b.vec.WritevAt(h.bufs, int64(h.p.h.sector*SectorSize))
+		ok = err == nil
+	}
+	clear(h.bufs) // no guest memory held past the request
+	if ok {
+		b.Metrics.Merged.Add(uint64(h.nbatch - 1))
+	}
+	for q := h; q != nil; {
+		next := q.next // q may be reused once freed
+		var n uint32
+		if ok {
+			b.Metrics.Writes.Add(1)
+			b.Metrics.BytesWritten.Add(q.p.readable.limit)
+			n = b.finish(r, q.p.statusAddr, StatusOK, 0)
+		} else {
+			status, written := b.serve(r, q, q.p.h, q.p.readable, q.p.writable)
+			n = b.finish(r, q.p.statusAddr, status, written)
+		}
+		b.complete(r, q.chain.Head, n)
+		r.free <- q
+		q = next
+	}
 }
 
 // inRange reports whether n bytes at sector lie within the capacity.

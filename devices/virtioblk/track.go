@@ -283,6 +283,36 @@ func IsZero(p []byte) bool {
 	return bytes.Equal(p, zeros[:len(p)])
 }
 
+// VectorWriter returns the wrapped backend's VectorWriter, if it has one,
+// wrapped so that a write's blocks are marked, as WriteAt marks them.
+func (t *Tracker) VectorWriter() VectorWriter {
+	v, ok := t.be.(interface{ VectorWriter() VectorWriter })
+	if !ok {
+		return nil
+	}
+	if w := v.VectorWriter(); w != nil {
+		return trackedWriter{t: t, w: w}
+	}
+	return nil
+}
+
+type trackedWriter struct {
+	t *Tracker
+	w VectorWriter
+}
+
+// WritevAt implements VectorWriter; the blocks are marked even when the
+// write fails (it may have written part).
+func (tw trackedWriter) WritevAt(bufs [][]byte, off int64) (int64, error) {
+	n, err := tw.w.WritevAt(bufs, off)
+	var total int64
+	for _, p := range bufs {
+		total += int64(len(p))
+	}
+	tw.t.mark(off, total)
+	return n, err
+}
+
 // Async returns the wrapped backend's Submitter, if it has one, wrapped so
 // that a write's blocks are marked when it completes, as WriteAt marks
 // them.
