@@ -100,6 +100,7 @@ type System struct {
 	mu    sync.Mutex
 	caps  map[Cap]int // cached KVM_CHECK_EXTENSION results
 	cpuid []CPUIDEntry
+	msrs  []uint32 // +checklocks:mu; cached KVM_GET_MSR_INDEX_LIST
 }
 
 // Open opens /dev/kvm and checks the API version and every capability
@@ -230,7 +231,23 @@ func (s *System) SupportedCPUID() ([]CPUIDEntry, error) {
 }
 
 // MSRIndexList returns KVM_GET_MSR_INDEX_LIST: the MSRs a snapshot saves.
+// The list is the host's: it is read once (a snapshot or a migration's
+// stop phase would otherwise pay the ioctl, up to 0.2 ms here, while the
+// guest is paused) and the caller gets its own copy.
 func (s *System) MSRIndexList() ([]uint32, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.msrs == nil {
+		l, err := s.readMSRIndexList()
+		if err != nil {
+			return nil, err
+		}
+		s.msrs = l
+	}
+	return append([]uint32(nil), s.msrs...), nil
+}
+
+func (s *System) readMSRIndexList() ([]uint32, error) {
 	for n := 256; n <= 16384; n *= 2 {
 		buf := make([]uint32, 1+n)
 		buf[0] = uint32(n)

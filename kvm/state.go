@@ -156,7 +156,7 @@ type VCPUState struct {
 	ID      int
 	Regs    Regs
 	Sregs   Sregs
-	FPU     FPU
+	FPU     FPU    // only without XSave, which holds the same state
 	XSave   []byte `json:",omitempty"` // struct kvm_xsave (or larger, KVM_CAP_XSAVE2); nil without XSAVE
 	XCRs    *XCRs  `json:",omitempty"`
 	MSRs    []MSR  // every readable MSR of KVM_GET_MSR_INDEX_LIST
@@ -202,10 +202,13 @@ func (v *VCPU) State(msrIndices []uint32) (*VCPUState, error) {
 		if err := get("KVM_GET_SREGS", kvmGetSregs, unsafe.Pointer(&st.Sregs)); err != nil {
 			return err
 		}
-		if err := get("KVM_GET_FPU", kvmGetFPU, unsafe.Pointer(&st.FPU)); err != nil {
-			return err
-		}
-		if sys.Has(CapXSave) {
+		// The XSAVE area holds the x87 and SSE state too: KVM_GET_FPU
+		// only without it (SetState sets one or the other).
+		if !sys.Has(CapXSave) {
+			if err := get("KVM_GET_FPU", kvmGetFPU, unsafe.Pointer(&st.FPU)); err != nil {
+				return err
+			}
+		} else {
 			size := max(xsaveSize, sys.Check(CapXSave2))
 			if size > maxXSaveSize {
 				return fmt.Errorf("kvm: vCPU %d: XSAVE area of %d bytes", v.id, size)
