@@ -442,6 +442,9 @@ func (s *Snapshot) parseIndex(ib []byte) error {
 	var prevGPA uint64
 	var dataEnd uint64
 	raw := h.flags&flagRawImage != 0
+	// At most one chunk per fixed entry: allocated once (a 1 GiB image
+	// has 4096), not grown; bounded by the index section's size.
+	s.chunks = make([]chunk, 0, len(ib)/entryFixed)
 	for p := 0; p < len(ib); {
 		off := base + int64(p)
 		if len(ib)-p < entryFixed {
