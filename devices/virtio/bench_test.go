@@ -101,3 +101,46 @@ func TestPopPushAllocs(t *testing.T) {
 		t.Errorf("pop + push allocate %v times", n)
 	}
 }
+
+// TestPushUsedBatch returns three chains with one used index update, in
+// order, with their lengths; with EVENT_IDX, the batch asks for an
+// interrupt only when it crosses used_event.
+func TestPushUsedBatch(t *testing.T) {
+	m, q, d := newManual(t, all)
+	buf := d.Alloc(64, 16)
+	c := virtio.NewChain()
+	pop := func(n int) []virtio.Used {
+		var used []virtio.Used
+		for i := range n {
+			q.AddChain([]virtiotest.Buf{{Addr: buf, Len: 8, Write: true}})
+			if ok, err := m.q.Pop(c); !ok || err != nil {
+				t.Fatalf("pop: %v %v", ok, err)
+			}
+			used = append(used, virtio.Used{Head: c.Head, Len: uint32(100 + i)})
+		}
+		return used
+	}
+	used := pop(3)
+	before := q.UsedIdx()
+	if _, err := m.q.PushUsedBatch(used); err != nil {
+		t.Fatal(err)
+	}
+	if got := q.UsedIdx(); got != before+3 {
+		t.Fatalf("used idx %d after a batch of 3 from %d", got, before)
+	}
+	for i, u := range used {
+		id, n, ok := q.PopUsed()
+		if !ok || id != uint32(u.Head) || n != u.Len {
+			t.Errorf("used element %d: %d, %d, %v; want head %d, %d bytes", i, id, n, ok, u.Head, u.Len)
+		}
+	}
+	// used_event 5: a batch taking the index from 3 to 5 does not cross
+	// it, one from 5 to 7 does.
+	q.SetUsedEvent(5)
+	if sig, err := m.q.PushUsedBatch(pop(2)); err != nil || sig {
+		t.Errorf("batch to used idx 5, used_event 5: interrupt %v, %v", sig, err)
+	}
+	if sig, err := m.q.PushUsedBatch(pop(2)); err != nil || !sig {
+		t.Errorf("batch across used_event 5: interrupt %v, %v", sig, err)
+	}
+}

@@ -369,6 +369,41 @@ func (q *Queue) PushUsed(head uint16, n uint32) (bool, error) {
 	return q.needsInterrupt()
 }
 
+// Used is one element of the used ring: a chain's head and the bytes the
+// device wrote into it.
+type Used struct {
+	Head uint16
+	Len  uint32
+}
+
+// PushUsedBatch returns several chains to the driver at once: their
+// elements first, then one used index update, so that the driver sees
+// them together (a driver that polls then resubmits them together). It
+// reports whether the driver wants an interrupt now, like PushUsed. Safe
+// for concurrent use.
+func (q *Queue) PushUsedBatch(used []Used) (bool, error) {
+	q.usedMu.Lock()
+	defer q.usedMu.Unlock()
+	if !q.active {
+		return false, ErrNotReady
+	}
+	var elem [8]byte
+	for _, u := range used {
+		binary.LittleEndian.PutUint32(elem[0:], uint32(u.Head))
+		binary.LittleEndian.PutUint32(elem[4:], u.Len)
+		if _, err := q.mem.WriteAt(elem[:], q.used+4+8*uint64(q.nextUsed&(q.size-1))); err != nil {
+			return false, ErrRingAccess
+		}
+		q.nextUsed++
+	}
+	q.fullFence()
+	if err := q.mem.PutUint16(q.used+2, q.nextUsed); err != nil {
+		return false, ErrRingAccess
+	}
+	q.fullFence()
+	return q.needsInterrupt()
+}
+
 // +checklocks:q.usedMu
 func (q *Queue) needsInterrupt() (bool, error) {
 	if !q.eventIdx {

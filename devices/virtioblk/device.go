@@ -148,6 +148,7 @@ type request struct {
 	nbatch int    // requests; 0: not a batch
 	niov   int    // buffers
 	bytes  uint64 // data bytes
+	used   []virtio.Used
 }
 
 // New returns a block device on cfg.Backend.

@@ -226,8 +226,8 @@ func (b *Block) serveBatch(r *runState, h *request) {
 	if ok {
 		b.Metrics.Merged.Add(uint64(h.nbatch - 1))
 	}
-	for q := h; q != nil; {
-		next := q.next // q may be reused once freed
+	h.used = h.used[:0]
+	for q := h; q != nil; q = q.next {
 		var n uint32
 		if ok {
 			b.Metrics.Writes.Add(1)
@@ -237,7 +237,18 @@ func (b *Block) serveBatch(r *runState, h *request) {
 			status, written := b.serve(r, q, q.p.h, q.p.readable, q.p.writable)
 			n = b.finish(r, q.p.statusAddr, status, written)
 		}
-		b.complete(r, q.chain.Head, n)
+		h.used = append(h.used, virtio.Used{Head: q.chain.Head, Len: n})
+	}
+	// All at once: a polling driver sees them together and queues the
+	// next ones together, which keeps the batches whole.
+	signal, err := r.q.PushUsedBatch(h.used)
+	if err != nil {
+		r.irq.NeedsReset(err)
+	} else if signal {
+		r.irq.SignalQueue(0)
+	}
+	for q := h; q != nil; {
+		next := q.next // q may be reused once freed
 		r.free <- q
 		q = next
 	}
