@@ -47,11 +47,11 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 	// MiB LOAD" name contains it ("fresh" for table e2 alone).
 	only := os.Getenv("COLLECTIVE_BENCH_MIGRATE")
 	var raw strings.Builder // every run, for migrate-runs.csv
-	raw.WriteString("case,run,vmm,total_ms,downtime_ms,source_downtime_ms,guest_gap_ms,wire_bytes,rounds,to_run_ms,pause_to_run_ms\n")
+	raw.WriteString("case,run,vmm,total_ms,downtime_ms,source_downtime_ms,guest_gap_ms,wire_bytes,rounds,to_run_ms,pause_to_run_ms,ack_downtime_ms\n")
 	rawRows := func(name string, rs ...[]migResult) {
 		for _, set := range rs {
 			for i, r := range set {
-				fmt.Fprintf(&raw, "%s,%d,%s,%.3f,%.3f,%.3f,%.3f,%d,%d,%.3f,%.3f\n", name, i, r.VMM, r.TotalMS, r.DowntimeMS, r.SourceDowntimeMS, r.GuestGapMS, r.Bytes, r.Rounds, r.ToRunMS, r.PauseToRunMS)
+				fmt.Fprintf(&raw, "%s,%d,%s,%.3f,%.3f,%.3f,%.3f,%d,%d,%.3f,%.3f,%.3f\n", name, i, r.VMM, r.TotalMS, r.DowntimeMS, r.SourceDowntimeMS, r.GuestGapMS, r.Bytes, r.Rounds, r.ToRunMS, r.PauseToRunMS, r.AckDowntimeMS)
 			}
 		}
 	}
@@ -114,7 +114,7 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 			rows = append(rows, []string{fmt.Sprintf("%d MiB", mem), load.name,
 				fmt.Sprintf("%.1f", o.TotalMS), fmt.Sprintf("%.1f", qm.ToRunMS), f3(pairRatio2(ours, q, func(r migResult) float64 { return r.TotalMS }, toRun)),
 				fmt.Sprintf("%.0f", qm.TotalMS), f3(pairRatio(ours, q, func(r migResult) float64 { return r.TotalMS })),
-				f2(o.DowntimeMS), f2(qm.PauseToRunMS), f3(pairRatio2(ours, q, func(r migResult) float64 { return r.DowntimeMS }, pauseToRun)),
+				f2(o.DowntimeMS), f2(qm.PauseToRunMS), f3(pairRatio2(ours, q, func(r migResult) float64 { return r.DowntimeMS }, pauseToRun)), f2(o.AckDowntimeMS),
 				fmt.Sprintf("%.0f", qm.DowntimeMS), f3(pairRatio(ours, q, func(r migResult) float64 { return r.DowntimeMS })),
 				f2(o.SourceDowntimeMS), f3(pairRatio2(ours, q, func(r migResult) float64 { return r.SourceDowntimeMS }, func(r migResult) float64 { return r.DowntimeMS })),
 				gap(o), gap(qm), f3(pairRatio(ours, q, func(r migResult) float64 { return r.GuestGapMS })),
@@ -126,10 +126,12 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 
 	if len(rows) > 0 {
 		table(fmt.Sprintf("(e) live migration over loopback, workload guest, ours vs QEMU 7.2 microvm (downtime limit 50 ms, no bandwidth cap); median of %d interleaved runs, ratios the median of ours/QEMU over runs in the same position (each VMM goes first in every other round).\n"+
-			"    total and downtime run to the guest running on the target, for both: ours to the target's resumed acknowledgement, QEMU's from the migrate command and the source's STOP event to the target's RESUME event (QMP timestamps).\n"+
+			"    total: from the migrate command to the guest running on the target, for both (ours to the target's resumed acknowledgement, QEMU's to the target's RESUME event).\n"+
+			"    downtime: from the source's vCPUs stopped to the target's started, for both: QEMU's STOP event (sent once its vCPUs are paused) to the target's RESUME event (QMP timestamps);\n"+
+			"    ours from the vCPUs parked and devices quiesced to the target's resume (the resumed acknowledgement less its one-way delay); from the pause request to the acknowledgement's arrival, ours is ack ms.\n"+
 			"    qemu own: QEMU's own figures (integer ms), which stop at the last byte sent, before the target loads and starts. src-side: ours on that definition (pause to the last byte sent); its ratio is against QEMU's own downtime.\n"+
 			"    guest gap: the stall the guest itself saw (spin gaps, first line on the target), both VMMs", n),
-			[]string{"guest", "load", "total ms", "qemu", "ratio", "qemu own", "ratio", "downtime ms", "qemu", "ratio", "qemu own", "ratio", "src-side ms", "ratio", "guest gap ms", "qemu", "ratio", "wire MB", "qemu", "ratio", "wire/non-zero", "rounds", "qemu"}, rows)
+			[]string{"guest", "load", "total ms", "qemu", "ratio", "qemu own", "ratio", "downtime ms", "qemu", "ratio", "ack ms", "qemu own", "ratio", "src-side ms", "ratio", "guest gap ms", "qemu", "ratio", "wire MB", "qemu", "ratio", "wire/non-zero", "rounds", "qemu"}, rows)
 	}
 	// A freshly booted appliance, its base snapshot in the target's cache.
 	if only == "" || strings.Contains("256 MiB fresh appliance", only) {
@@ -148,9 +150,9 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 		return err
 	}
 	var csv strings.Builder
-	csv.WriteString("vmm,mem_mib,load,total_ms,downtime_ms,source_downtime_ms,guest_gap_ms,wire_bytes,nonzero_bytes,rounds,runs,to_run_ms,pause_to_run_ms\n")
+	csv.WriteString("vmm,mem_mib,load,total_ms,downtime_ms,source_downtime_ms,guest_gap_ms,wire_bytes,nonzero_bytes,rounds,runs,to_run_ms,pause_to_run_ms,ack_downtime_ms\n")
 	for _, r := range results {
-		fmt.Fprintf(&csv, "%s,%d,%s,%.3f,%.3f,%.3f,%.3f,%d,%d,%d,%d,%.3f,%.3f\n", r.VMM, r.Mem, r.Load, r.TotalMS, r.DowntimeMS, r.SourceDowntimeMS, r.GuestGapMS, r.Bytes, r.NonZero, r.Rounds, r.Runs, r.ToRunMS, r.PauseToRunMS)
+		fmt.Fprintf(&csv, "%s,%d,%s,%.3f,%.3f,%.3f,%.3f,%d,%d,%d,%d,%.3f,%.3f,%.3f\n", r.VMM, r.Mem, r.Load, r.TotalMS, r.DowntimeMS, r.SourceDowntimeMS, r.GuestGapMS, r.Bytes, r.NonZero, r.Rounds, r.Runs, r.ToRunMS, r.PauseToRunMS, r.AckDowntimeMS)
 	}
 	if err := os.WriteFile(filepath.Join(out, "migrate.csv"), []byte(csv.String()), 0o644); err != nil {
 		return err
@@ -261,12 +263,20 @@ func snapshotFresh(self, elf, initrd, path string) error {
 }
 
 type migResult struct {
-	VMM        string  `json:"vmm"`
-	Mem        int     `json:"mem_mib"`
-	Load       string  `json:"load"`
-	Runs       int     `json:"runs"`
-	TotalMS    float64 `json:"total_ms"`
+	VMM     string  `json:"vmm"`
+	Mem     int     `json:"mem_mib"`
+	Load    string  `json:"load"`
+	Runs    int     `json:"runs"`
+	TotalMS float64 `json:"total_ms"`
+	// DowntimeMS runs from the source's vCPUs stopped to the target's
+	// started: QEMU's own figure (query-migrate, to the last byte sent);
+	// ours on the definition of PauseToRunMS (stop.paused to the
+	// resumed acknowledgement less its one-way delay).
 	DowntimeMS float64 `json:"downtime_ms"`
+	// AckDowntimeMS is ours from the pause request to the resumed
+	// acknowledgement's arrival: the pause's own cost and the ack's trip
+	// included (the figure the report calls downtime_ms).
+	AckDowntimeMS float64 `json:"ack_downtime_ms,omitempty"`
 	// ToRunMS and PauseToRunMS are QEMU's total time and downtime on our
 	// definitions, to the guest running on the target: from the migrate
 	// command (and from the source's STOP event) to the target's RESUME
@@ -309,6 +319,7 @@ func medianResult(rs []migResult) migResult {
 	best.Runs = len(rs)
 	best.TotalMS = m
 	best.DowntimeMS = med(func(r migResult) float64 { return r.DowntimeMS })
+	best.AckDowntimeMS = med(func(r migResult) float64 { return r.AckDowntimeMS })
 	best.ToRunMS = med(func(r migResult) float64 { return r.ToRunMS })
 	best.PauseToRunMS = med(func(r migResult) float64 { return r.PauseToRunMS })
 	best.SourceDowntimeMS = med(func(r migResult) float64 { return r.SourceDowntimeMS })
@@ -493,8 +504,14 @@ func migrateOurs(self, elf, cmdline string, memMiB int, srcArgs, tgtArgs []strin
 	if err != nil {
 		return migResult{}, err
 	}
-	r := migResult{VMM: "collective", TotalMS: rep.TotalMS, DowntimeMS: rep.DowntimeMS, SourceDowntimeMS: rep.PausedWorkMS,
-		Bytes: rep.BytesWire, NonZero: rep.NonZeroBytes, Rounds: rep.Rounds, Timeline: rep.Timeline, Stop: rep.Stop}
+	r := migResult{VMM: "collective", TotalMS: rep.TotalMS, DowntimeMS: rep.DowntimeMS, AckDowntimeMS: rep.DowntimeMS,
+		SourceDowntimeMS: rep.PausedWorkMS, Bytes: rep.BytesWire, NonZero: rep.NonZeroBytes, Rounds: rep.Rounds, Timeline: rep.Timeline, Stop: rep.Stop}
+	// Timed as QEMU's STOP and RESUME events time it: from the vCPUs
+	// stopped (QEMU sends STOP once pause_all_vcpus returns) to the
+	// target running (RESUME, sent as the target starts its vCPUs).
+	if rep.Stop != nil && rep.DowntimeEstMS > rep.Stop.Paused {
+		r.DowntimeMS = rep.DowntimeEstMS - rep.Stop.Paused
+	}
 	if strings.HasPrefix(cmdline, "spin gaps") {
 		r.GuestGapMS = firstGap(tgtSerial, 2*time.Second)
 	}
