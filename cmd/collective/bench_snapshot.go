@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -153,10 +154,19 @@ func benchOurs(self, elf, cmdline string, memMiB int, dir string) (*oursResult, 
 	if err != nil {
 		return nil, err
 	}
-	defer m.Close()
 	done := make(chan machine.Exit, 1)
 	go func() { done <- m.Run(context.Background()) }()
-	defer func() { m.Stop(); <-done }()
+	// closeSource stops and closes the source machine, once.
+	closed := false
+	closeSource := func() {
+		if !closed {
+			closed = true
+			m.Stop()
+			<-done
+			m.Close()
+		}
+	}
+	defer closeSource()
 	pass := func() uint64 { n, _ := m.Memory().Uint64(guest.HeartbeatAddr + 0x18); return n }
 	beat := func() uint64 { n, _ := m.Memory().Uint64(guest.HeartbeatAddr + 8); return n }
 	wait := func(f func() uint64, n uint64) error {
@@ -211,11 +221,14 @@ func benchOurs(self, elf, cmdline string, memMiB int, dir string) (*oursResult, 
 	if r.inc, r.incSize, err = take(inc, snapshot.TakeOptions{Incremental: true}); err != nil {
 		return nil, err
 	}
-	// Restores run with the source stopped, as QEMU's do.
-	m.Stop()
-	<-done
-	done <- machine.Exit{}
+	// Restores run with the source gone, as QEMU's do (its source
+	// process has quit): the source VM's teardown, and its memory, must
+	// not land in the restores' figures.
+	closeSource()
 	restore := func(path string, opts snapshot.RestoreOptions) (time.Duration, error) {
+		// Each without the previous restore's garbage, as a restore
+		// process starts: collected now, not during the restore.
+		runtime.GC()
 		// As collective restore does it: the machine is built while
 		// the file is opened.
 		t0 := time.Now()
