@@ -341,6 +341,23 @@ func (m *memDisk) zero(off, n int64) error {
 	return nil
 }
 
+// VectorWriter makes the device merge adjacent writes (its dispatcher
+// then parses every request itself).
+func (m *memDisk) VectorWriter() virtioblk.VectorWriter { return m }
+
+// WritevAt implements virtioblk.VectorWriter, with WriteAt's range check.
+func (m *memDisk) WritevAt(bufs [][]byte, off int64) (int64, error) {
+	var n int64
+	for _, p := range bufs {
+		k, err := m.WriteAt(p, off+n)
+		n += int64(k)
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
 func (m *memDisk) Sync() error              { m.mu.Lock(); m.sync++; m.mu.Unlock(); return nil }
 func (m *memDisk) Punch(off, n int64) error { return m.zero(off, n) }
 func (m *memDisk) Zero(off, n int64) error  { return m.zero(off, n) }
