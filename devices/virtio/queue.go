@@ -346,27 +346,8 @@ func (q *Queue) walk(c *Chain, head uint16) error {
 // reports whether the driver wants an interrupt now (event index or
 // NO_INTERRUPT flag). Safe for concurrent use.
 func (q *Queue) PushUsed(head uint16, n uint32) (bool, error) {
-	q.usedMu.Lock()
-	defer q.usedMu.Unlock()
-	if !q.active {
-		return false, ErrNotReady
-	}
-	var elem [8]byte
-	binary.LittleEndian.PutUint32(elem[0:], uint32(head))
-	binary.LittleEndian.PutUint32(elem[4:], n)
-	if _, err := q.mem.WriteAt(elem[:], q.used+4+8*uint64(q.nextUsed&(q.size-1))); err != nil {
-		return false, ErrRingAccess
-	}
-	q.nextUsed++
-	// Release: the element (and the buffers) before the index.
-	q.fullFence()
-	if err := q.mem.PutUint16(q.used+2, q.nextUsed); err != nil {
-		return false, ErrRingAccess
-	}
-	// The used index must be visible before the driver's suppression
-	// state is read, or a notification can be lost.
-	q.fullFence()
-	return q.needsInterrupt()
+	u := [1]Used{{Head: head, Len: n}}
+	return q.PushUsedBatch(u[:])
 }
 
 // Used is one element of the used ring: a chain's head and the bytes the
@@ -396,10 +377,13 @@ func (q *Queue) PushUsedBatch(used []Used) (bool, error) {
 		}
 		q.nextUsed++
 	}
+	// Release: the elements (and the buffers) before the index.
 	q.fullFence()
 	if err := q.mem.PutUint16(q.used+2, q.nextUsed); err != nil {
 		return false, ErrRingAccess
 	}
+	// The used index must be visible before the driver's suppression
+	// state is read, or a notification can be lost.
 	q.fullFence()
 	return q.needsInterrupt()
 }
