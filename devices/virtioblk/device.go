@@ -140,9 +140,11 @@ type request struct {
 	statusAddr uint64
 	done       func(int64, error) // calls submitted
 
+	// p is the request as hand parsed it (parsed false: malformed).
+	p      parsed
+	parsed bool
 	// Merged writes (join): a batch is a list of adjacent writes from
 	// its head, whose fields below cover the whole batch.
-	p      parsed
 	next   *request
 	tail   *request
 	nbatch int    // requests; 0: not a batch
@@ -416,10 +418,12 @@ func (b *Block) dispatch(r *runState) {
 // batch, or gives it to a worker.
 func (b *Block) hand(r *runState, req *request) {
 	req.nbatch, req.next = 0, nil
-	if b.sub != nil && b.submit(r, req) {
+	// Parsed once, here: the submit, the batch and the worker use it.
+	req.p, req.parsed = b.parse(r, req.chain)
+	if req.parsed && b.sub != nil && b.submit(r, req) {
 		return
 	}
-	if b.vec != nil && b.join(r, req) {
+	if req.parsed && b.vec != nil && b.join(r, req) {
 		return
 	}
 	b.flush(r)
@@ -432,10 +436,10 @@ const (
 	maxBatchIovecs = iovMax
 )
 
-// join adds req to the open batch when it writes right after it, or opens
-// a new batch with it (handing the open one to a worker). It reports false
-// for a request that cannot be merged: other types, malformed or out of
-// range ones (a worker serves them, and refuses them).
+// join adds req, parsed, to the open batch when it writes right after it,
+// or opens a new batch with it (handing the open one to a worker). It
+// reports false for a request that cannot be merged: other types or out
+// of range ones (a worker serves them, and refuses them).
 //
 // Only writes merge. The kernel serializes buffered writes to one file,
 // and one large write costs it less than several (measured: 1 MiB writes
@@ -443,8 +447,8 @@ const (
 // gains over its request-merging=off). Reads from the page cache run in
 // parallel on several workers, which beat one merged read (about 10%).
 func (b *Block) join(r *runState, req *request) bool {
-	p, ok := b.parse(r, req.chain)
-	if !ok || p.h.typ != TypeOut || b.ro {
+	p := &req.p
+	if p.h.typ != TypeOut || b.ro {
 		return false
 	}
 	s := p.readable
@@ -452,7 +456,6 @@ func (b *Block) join(r *runState, req *request) bool {
 		return false
 	}
 	n := s.pieces()
-	req.p = p
 	if h := r.batch; h != nil && h.p.h.sector+h.bytes/SectorSize == p.h.sector &&
 		h.niov+n <= maxBatchIovecs && h.bytes+s.limit <= maxBatchBytes {
 		h.tail.next, h.tail = req, req

@@ -99,14 +99,15 @@ func (b *Block) parse(r *runState, c *virtio.Chain) (parsed, bool) {
 	return p, true
 }
 
-// handle serves one request and returns the number of bytes written into
-// the chain's device-writable buffers (the used length).
+// handle serves one request, as hand parsed it, and returns the number of
+// bytes written into the chain's device-writable buffers (the used
+// length).
 func (b *Block) handle(r *runState, req *request) uint32 {
-	p, ok := b.parse(r, req.chain)
-	if !ok {
+	if !req.parsed {
 		b.Metrics.Malformed.Add(1)
 		return 0
 	}
+	p := &req.p
 	status, written := b.serve(r, req, p.h, p.readable, p.writable)
 	return b.finish(r, p.statusAddr, status, written)
 }
@@ -124,10 +125,7 @@ func (b *Block) finish(r *runState, statusAddr uint64, status uint8, written uin
 // buffers allow; it reports false when a worker should serve req instead
 // (other types, malformed or unaligned requests, no free slot).
 func (b *Block) submit(r *runState, req *request) bool {
-	p, ok := b.parse(r, req.chain)
-	if !ok {
-		return false
-	}
+	p := &req.p
 	var s span
 	switch {
 	case p.h.typ == TypeIn:
@@ -141,7 +139,7 @@ func (b *Block) submit(r *runState, req *request) bool {
 		return false
 	}
 	req.bufs = req.bufs[:0]
-	ok = s.each(func(addr, k uint64) bool {
+	ok := s.each(func(addr, k uint64) bool {
 		if len(req.bufs) == aioMaxIovecs {
 			return false
 		}
@@ -234,8 +232,7 @@ func (b *Block) serveBatch(r *runState, h *request) {
 			b.Metrics.BytesWritten.Add(q.p.readable.limit)
 			n = b.finish(r, q.p.statusAddr, StatusOK, 0)
 		} else {
-			status, written := b.serve(r, q, q.p.h, q.p.readable, q.p.writable)
-			n = b.finish(r, q.p.statusAddr, status, written)
+			n = b.handle(r, q)
 		}
 		h.used = append(h.used, virtio.Used{Head: q.chain.Head, Len: n})
 	}
