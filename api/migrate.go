@@ -21,6 +21,9 @@ type MigrateRequest struct {
 	BandwidthMBps float64 `json:"bandwidth_mbps,omitempty"`
 	// Compress is auto (default), always or never.
 	Compress string `json:"compress,omitempty"`
+	// AutoConverge throttles the vCPUs of a guest that dirties memory
+	// faster than the migration carries it (migrate.Options.AutoConverge).
+	AutoConverge bool `json:"auto_converge,omitempty"`
 }
 
 // MigrateStatus is the answer of GET /migrate: the migration under way,
@@ -142,10 +145,11 @@ func (s *Server) migrate(r *request) (*migrate.Report, error) {
 	s.mu.Unlock()
 
 	opts := migrate.Options{
-		Downtime:  time.Duration(req.DowntimeMS * float64(time.Millisecond)),
-		MaxRounds: req.MaxRounds,
-		Bandwidth: req.BandwidthMBps * 1e6,
-		Compress:  req.Compress,
+		Downtime:     time.Duration(req.DowntimeMS * float64(time.Millisecond)),
+		MaxRounds:    req.MaxRounds,
+		Bandwidth:    req.BandwidthMBps * 1e6,
+		Compress:     req.Compress,
+		AutoConverge: req.AutoConverge,
 		Progress: func(p migrate.Progress) {
 			s.mig.mu.Lock()
 			s.mig.progress = p

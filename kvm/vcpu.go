@@ -53,9 +53,12 @@ type VCPU struct {
 	pause  atomic.Bool  // park before the next KVM_RUN
 	stop   atomic.Bool  // return from Run before the next KVM_RUN
 	resume chan struct{}
-	reqs   chan request
-	quit   chan struct{} // closed to end the thread
-	done   chan struct{} // closed when the thread exits
+	// sleepNS is a throttle sleep asked for (throttle.go); wake ends it.
+	sleepNS atomic.Int64
+	wake    chan struct{}
+	reqs    chan request
+	quit    chan struct{} // closed to end the thread
+	done    chan struct{} // closed when the thread exits
 
 	closeOnce sync.Once
 	exits     [32]atomic.Uint64 // exits by reason, for benchmarks and reports
@@ -71,7 +74,7 @@ func (vm *VM) NewVCPU(id int) (*VCPU, error) {
 	if max := vm.sys.MaxVCPUs(); id >= max {
 		return nil, fmt.Errorf("kvm: vCPU %d: this KVM offers at most %d vCPUs (KVM_CAP_NR_VCPUS)", id, max)
 	}
-	v := &VCPU{vm: vm, id: id, resume: make(chan struct{}, 1), reqs: make(chan request), quit: make(chan struct{}), done: make(chan struct{})}
+	v := &VCPU{vm: vm, id: id, resume: make(chan struct{}, 1), wake: make(chan struct{}, 1), reqs: make(chan request), quit: make(chan struct{}), done: make(chan struct{})}
 	created := make(chan error)
 	go v.thread(created)
 	if err := <-created; err != nil {
@@ -156,6 +159,7 @@ func (v *VCPU) Run(h ExitHandler) error {
 
 func (v *VCPU) loop(h ExitHandler) error {
 	for {
+		v.throttleSleep()
 		if v.stop.Load() {
 			return ErrStopped
 		}

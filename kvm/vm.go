@@ -34,6 +34,8 @@ type VM struct {
 	mu     sync.Mutex // guards vcpus, slots[i].flags, paused
 	vcpus  []*VCPU
 	paused bool
+
+	throttle throttler // SetThrottle; its mu is taken before mu
 }
 
 type slot struct {
@@ -217,6 +219,7 @@ func (vm *VM) Pause() {
 	for _, v := range vm.vcpus {
 		v.pause.Store(true)
 		v.kick()
+		v.wakeUp()
 	}
 	for _, v := range vm.vcpus {
 		v.Do(func() error { return nil }) // served only once parked or idle
@@ -255,6 +258,7 @@ func (vm *VM) Stop() {
 	for _, v := range vm.vcpus {
 		v.stop.Store(true)
 		v.kick()
+		v.wakeUp()
 		select {
 		case v.resume <- struct{}{}:
 		default:
@@ -265,6 +269,7 @@ func (vm *VM) Stop() {
 // Close stops the vCPUs, closes their file descriptors and the VM's, and
 // unmaps guest RAM. The VM must not be used afterwards.
 func (vm *VM) Close() error {
+	vm.SetThrottle(0)
 	vm.Stop()
 	var errs []error
 	for _, v := range vm.VCPUs() {

@@ -42,6 +42,20 @@
 // holds and the source sends a 16-byte hash instead of any page whose
 // content hash is among them (the Collective's OSDI'02 technique).
 //
+// Auto-converge (Options.AutoConverge, collective migrate --auto-converge;
+// off by default, as in QEMU) slows a guest that dirties memory faster
+// than the rounds carry it, with QEMU's rule and defaults: after two
+// rounds in a row in which the guest dirtied more than half the bytes the
+// round put on the wire, every vCPU sleeps 20% of the time
+// (kvm.VM.SetThrottle: a 10 ms slice of running, then a sleep), then 10%
+// more after every two such rounds again, up to 99%. A pause ends a
+// throttle sleep at once, so the stop phase is not held up; the throttle
+// is lifted when the migration ends, and a failed migration's source
+// runs on at full speed. Each round's throttle is in the report
+// (RoundStat.Throttle, Report.ThrottlePct). A guest that paces itself by
+// the clock (the workload guest's dirty mode with a rate) catches up
+// after each sleep, so only its peak rate is slowed.
+//
 // # Wire format (protocol version ProtoMajor.ProtoMinor)
 //
 // All integers little-endian. The stream is a sequence of frames:

@@ -13,6 +13,7 @@ import (
 
 	"collective/api"
 	"collective/internal/testenv"
+	"collective/migrate"
 )
 
 // World 2: the workload guest migrates between two collective processes
@@ -303,5 +304,33 @@ func TestMigrateFaultsWorkloadGuest(t *testing.T) {
 				t.Fatalf("source exit %d; output:\n%s", code, src.out.String())
 			}
 		})
+	}
+}
+
+// TestMigrateAutoConverge migrates the workload guest dirtying memory as
+// fast as it can over a link capped far below that: auto-converge
+// throttles its vCPU, the migration completes, the throttle is gone on
+// the target (the guest finishes its run there) and the guest's
+// self-check passes.
+func TestMigrateAutoConverge(t *testing.T) {
+	src, tgt, sock, addr := startPair(t, "dirty 16M 0 8", "256M")
+	rep, err := api.NewClient(sock).Migrate(api.MigrateRequest{To: addr, BandwidthMBps: 200, Compress: "never", AutoConverge: true})
+	if err != nil {
+		t.Fatalf("migrate: %v\nsource:\n%s\ntarget:\n%s", err, src.out.String(), tgt.out.String())
+	}
+	var throttles []int
+	for _, r := range rep.RoundStats {
+		throttles = append(throttles, r.Throttle)
+	}
+	t.Logf("total %.1f ms, downtime %.2f ms, rounds %d, throttle per round %v, wire %d B",
+		rep.TotalMS, rep.DowntimeMS, rep.Rounds, throttles, rep.BytesWire)
+	if !rep.OK || rep.ThrottlePct < migrate.ThrottleInitial {
+		t.Errorf("report: ok %v, throttle %d%%", rep.OK, rep.ThrottlePct)
+	}
+	if code := src.wait(t, 10*time.Second); code != 0 {
+		t.Errorf("source exit %d", code)
+	}
+	if code := tgt.wait(t, 30*time.Second); code != 0 || !strings.Contains(tgt.out.String(), "final verified") {
+		t.Fatalf("target exit %d; output:\n%s", code, tgt.out.String())
 	}
 }

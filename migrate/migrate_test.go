@@ -35,6 +35,10 @@ type fakeSource struct {
 	paused atomic.Bool
 	pauses atomic.Int32
 	mu     sync.Mutex // held by the guest goroutine while it writes
+
+	throttle   atomic.Int32 // SetThrottle's percent
+	throttleMu sync.Mutex
+	throttles  []int // every SetThrottle, in order
 }
 
 func newFakeSource(t testing.TB, mem uint64) *fakeSource {
@@ -70,6 +74,15 @@ func (f *fakeSource) Resume()                                   { f.paused.Store
 func (f *fakeSource) SaveState() (*machine.MachineState, error) { return fakeState(f.mem.Size()), nil }
 func (f *fakeSource) CPUs() int                                 { return 1 }
 
+// SetThrottle records the throttle; the fake guest dirties that much
+// slower.
+func (f *fakeSource) SetThrottle(pct int) {
+	f.throttleMu.Lock()
+	f.throttles = append(f.throttles, pct)
+	f.throttleMu.Unlock()
+	f.throttle.Store(int32(pct))
+}
+
 // dirty writes random pages (also zeroing some) until ctx is done, while
 // the source is not paused.
 func (f *fakeSource) dirty(ctx context.Context, pagesPerMS int) {
@@ -78,7 +91,7 @@ func (f *fakeSource) dirty(ctx context.Context, pagesPerMS int) {
 	for ctx.Err() == nil {
 		f.mu.Lock()
 		if !f.paused.Load() {
-			for i := 0; i < pagesPerMS; i++ {
+			for i := 0; i < pagesPerMS*int(100-f.throttle.Load())/100; i++ {
 				p := rng.Uint64N(f.mem.Size() / 4096)
 				if rng.IntN(10) == 0 {
 					clear(buf)

@@ -21,12 +21,18 @@ type Progress struct {
 	Rate float64 `json:"rate"`
 	// ExpectedDowntimeMS is the downtime a stop now would cost.
 	ExpectedDowntimeMS float64 `json:"expected_downtime_ms"`
+	// Throttle is auto-converge's vCPU throttle, in percent (0: none).
+	Throttle int `json:"throttle,omitempty"`
 }
 
 // String formats p as one terminal line.
 func (p Progress) String() string {
-	return fmt.Sprintf("%s: round %d, %.1f MB sent, dirty %.1f MB/s, %.1f MB left, rate %.0f MB/s, expected downtime %.1f ms",
-		p.Phase, p.Round, float64(p.SentBytes)/1e6, p.DirtyRate/1e6, float64(p.DirtyBytes)/1e6, p.Rate/1e6, p.ExpectedDowntimeMS)
+	throttle := ""
+	if p.Throttle > 0 {
+		throttle = fmt.Sprintf(", vCPUs throttled %d%%", p.Throttle)
+	}
+	return fmt.Sprintf("%s: round %d, %.1f MB sent, dirty %.1f MB/s, %.1f MB left, rate %.0f MB/s, expected downtime %.1f ms%s",
+		p.Phase, p.Round, float64(p.SentBytes)/1e6, p.DirtyRate/1e6, float64(p.DirtyBytes)/1e6, p.Rate/1e6, p.ExpectedDowntimeMS, throttle)
 }
 
 // PageCounts counts pages by how they travelled.
@@ -57,7 +63,10 @@ type RoundStat struct {
 	Bytes int64 `json:"bytes"`
 	// DirtyAfter is the pages the guest dirtied while the round ran.
 	DirtyAfter int64 `json:"dirty_after"`
-	Paused     bool  `json:"paused,omitempty"`
+	// Throttle is the auto-converge throttle the round ran under, in
+	// percent.
+	Throttle int  `json:"throttle,omitempty"`
+	Paused   bool `json:"paused,omitempty"`
 }
 
 // Sample is a point of the bytes-over-time curve.
@@ -118,6 +127,9 @@ type Report struct {
 	Compression string      `json:"compression"`
 	// RateMBps is the measured page transfer rate.
 	RateMBps float64 `json:"rate_mbps"`
+	// ThrottlePct is the highest vCPU throttle auto-converge set, in
+	// percent (0: none).
+	ThrottlePct int `json:"throttle_pct,omitempty"`
 	// HashesAnnounced is how many page hashes the target offered.
 	HashesAnnounced int      `json:"hashes_announced"`
 	Timeline        []Sample `json:"timeline"`

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"collective/internal/lz4block"
+	"collective/kvm"
 	"collective/kvm/guestmem"
 	"collective/machine"
 )
@@ -47,6 +48,14 @@ type Source interface {
 	CPUs() int
 }
 
+// Throttler is implemented by a Source whose vCPUs can be slowed down:
+// auto-converge (Options.AutoConverge) needs it.
+type Throttler interface {
+	// SetThrottle makes the vCPUs sleep pct percent of the time (0: run
+	// freely).
+	SetThrottle(pct int)
+}
+
 type machineSource struct{ m *machine.Machine }
 
 // MachineSource adapts a machine to Source.
@@ -62,6 +71,7 @@ func (s machineSource) Resume()                                   { s.m.Resume()
 func (s machineSource) Disks() []machine.Disk                     { return s.m.Disks() }
 func (s machineSource) SaveState() (*machine.MachineState, error) { return s.m.SaveState() }
 func (s machineSource) CPUs() int                                 { return s.m.Config().CPUs }
+func (s machineSource) SetThrottle(pct int)                       { s.m.VM().SetThrottle(pct) }
 
 // Options tune a migration.
 type Options struct {
@@ -81,6 +91,15 @@ type Options struct {
 	// ReplyTimeout bounds each wait for the target (welcome, ready,
 	// resumed; default 10 s). While waiting for ready the source is paused.
 	ReplyTimeout time.Duration
+	// AutoConverge throttles the vCPUs when the guest dirties memory
+	// faster than the rounds carry it (QEMU's auto-converge, with its
+	// defaults): once two rounds in a row saw the guest dirty more than
+	// half the bytes they sent, the vCPUs are made to sleep
+	// ThrottleInitial percent of the time, and ThrottleStep more after
+	// every two such rounds again, up to kvm.MaxThrottle. The throttle is
+	// lifted when the migration ends, whatever its outcome. The source
+	// must implement Throttler.
+	AutoConverge bool
 	// Progress, when set, is called after each round and phase change.
 	Progress func(Progress)
 
@@ -109,6 +128,41 @@ func (o *Options) defaults() {
 	if o.ReplyTimeout <= 0 {
 		o.ReplyTimeout = 10 * time.Second
 	}
+}
+
+// Auto-converge's throttle steps, in percent (QEMU's cpu-throttle-initial
+// and cpu-throttle-increment defaults), and its trigger: a round in which
+// the guest dirtied more than this share of the bytes sent.
+const (
+	ThrottleInitial   = 20
+	ThrottleStep      = 10
+	throttleTriggerPc = 50
+)
+
+// throttleUp raises the throttle after a round that sent sent bytes while
+// the guest dirtied dirtied bytes, as auto-converge asks.
+func (s *sender) throttleUp(sent, dirtied int64) {
+	if !s.opts.AutoConverge || s.throttler == nil {
+		return
+	}
+	if dirtied*100 <= sent*throttleTriggerPc {
+		s.highRounds = 0
+		return
+	}
+	s.highRounds++
+	if s.highRounds < 2 {
+		return
+	}
+	s.highRounds = 0
+	pct := ThrottleInitial
+	if s.throttle > 0 {
+		pct = min(s.throttle+ThrottleStep, kvm.MaxThrottle)
+	}
+	if pct != s.throttle {
+		s.throttle = pct
+		s.throttler.SetThrottle(pct)
+	}
+	s.rep.ThrottlePct = s.throttle
 }
 
 // Migrate moves the running machine src to the target listening at addr
@@ -149,6 +203,16 @@ func Send(ctx context.Context, src Source, conn net.Conn, rep *Report, opts Opti
 		replies: make(chan frame, 8), peerErr: make(chan error, 1)}
 	s.regs = s.mem.Regions()
 	s.acked = -1
+	if opts.AutoConverge {
+		t, ok := src.(Throttler)
+		if !ok {
+			err := errors.New("migrate: auto-converge: this source cannot throttle its vCPUs")
+			conn.Close()
+			rep.Error = err.Error()
+			return rep, err
+		}
+		s.throttler = t
+	}
 	s.decideEvery = decideEarly
 	s.bufs = make(chan []byte, 4*runtime.GOMAXPROCS(0)+8)
 	s.taken = make([][]uint64, len(s.regs))
@@ -161,6 +225,11 @@ func Send(ctx context.Context, src Source, conn net.Conn, rep *Report, opts Opti
 	err := s.run(ctx)
 	stop()
 	conn.Close()
+	if s.throttle > 0 {
+		// Lifted before a failed migration's resume: the guest runs on
+		// at full speed.
+		s.throttler.SetThrottle(0)
+	}
 	if err != nil {
 		if ctx.Err() != nil && !errors.Is(err, ErrInDoubt) {
 			err = fmt.Errorf("%w: %w", ErrCanceled, err)
@@ -232,6 +301,12 @@ type sender struct {
 	replies chan frame
 	peerErr chan error
 
+	// Auto-converge: the source's throttle, the one set (percent), and
+	// the rounds in a row that dirtied faster than they sent.
+	throttler  Throttler
+	throttle   int
+	highRounds int
+
 	// Transfer rate of page bytes (per second), measured per round.
 	rate float64
 	// Compression decision and its measurements; encoders is how many
@@ -259,7 +334,7 @@ func (s *sender) progress(phase string, round int, dirtyRate float64, dirtyBytes
 		return
 	}
 	s.opts.Progress(Progress{Phase: phase, Round: round, SentBytes: s.wireBytes(), DirtyRate: dirtyRate,
-		DirtyBytes: dirtyBytes, Rate: s.rate, ExpectedDowntimeMS: ms(s.expectedDowntime(dirtyBytes))})
+		DirtyBytes: dirtyBytes, Rate: s.rate, ExpectedDowntimeMS: ms(s.expectedDowntime(dirtyBytes)), Throttle: s.throttle})
 }
 
 // stopOverhead is the fixed part of a stop phase, beyond the pages: state
@@ -397,9 +472,11 @@ func (s *sender) run(ctx context.Context) error {
 		dcand = s.takeDiskDirty()
 		dirtyPages = countBits(cand)
 		st.DirtyAfter = dirtyPages
+		st.Throttle = s.throttle
 		s.rep.RoundStats = append(s.rep.RoundStats, st)
 		dirtyBytes := dirtyPages*pageSize + diskBytes(dcand)
 		dirtyRate := float64(dirtyBytes) / (st.MS / 1e3)
+		s.throttleUp(st.Bytes, dirtyBytes)
 		s.progress("round", round, dirtyRate, dirtyBytes)
 		stop := round+1 >= s.opts.MaxRounds
 		// Within the limit, one more round pays while it at least halves

@@ -38,6 +38,7 @@ func migrateCmd(args []string) int {
 	bw := fs.Float64("bandwidth", 0, "bandwidth cap in MB/s (10^6 bytes; 0: none)")
 	compress := fs.String("compress", "auto", "lz4: auto (when the measured link and ratio say it pays), always or never")
 	report := fs.String("report", "", "also write the JSON report to this file")
+	converge := fs.Bool("auto-converge", false, "throttle the vCPUs (20%, then 10% more, up to 99%) while the guest dirties memory faster than the rounds carry it")
 	fs.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: collective migrate --api SOCKET --to HOST:PORT [flags]\n\n"+
 			"Moves the running machine to a target started with collective run --incoming HOST:PORT.\n"+
@@ -56,7 +57,7 @@ func migrateCmd(args []string) int {
 	}
 	c := api.NewClient(*sock)
 	req := api.MigrateRequest{To: *to, DowntimeMS: float64(downtime.Microseconds()) / 1000, MaxRounds: *rounds,
-		BandwidthMBps: *bw, Compress: *compress}
+		BandwidthMBps: *bw, Compress: *compress, AutoConverge: *converge}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
