@@ -6,7 +6,7 @@
 //	POST /pause     pause the vCPUs              (409 when paused)
 //	POST /resume    resume them                  (409 when running)
 //	POST /snapshot  {"path": FILE, "incremental": bool, "raw": bool}
-//	POST /migrate   {"to": ADDR, "downtime_ms", "max_rounds", "bandwidth_mbps", "compress", "auto_converge"}
+//	POST /migrate   {"to": ADDR, "downtime_ms", "max_rounds", "bandwidth_mbps", "compress", "auto_converge", "streams"}
 //	                live migration; answers with the report when it ends (migrate.go)
 //	GET  /migrate/status   progress of the migration under way, or the last report
 //	POST /migrate/cancel   cancel it (before its commit)

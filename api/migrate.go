@@ -24,6 +24,8 @@ type MigrateRequest struct {
 	// AutoConverge throttles the vCPUs of a guest that dirties memory
 	// faster than the migration carries it (migrate.Options.AutoConverge).
 	AutoConverge bool `json:"auto_converge,omitempty"`
+	// Streams is how many TCP connections carry the pages (default 1).
+	Streams int `json:"streams,omitempty"`
 }
 
 // MigrateStatus is the answer of GET /migrate: the migration under way,
@@ -121,6 +123,9 @@ func (s *Server) migrate(r *request) (*migrate.Report, error) {
 	if req.DowntimeMS < 0 || req.MaxRounds < 0 || req.BandwidthMBps < 0 {
 		return nil, fail(400, "negative downtime, rounds or bandwidth")
 	}
+	if req.Streams < 0 || req.Streams > migrate.MaxStreams {
+		return nil, fail(400, "streams %d: want 1 to %d", req.Streams, migrate.MaxStreams)
+	}
 	switch req.Compress {
 	case "", "auto", "always", "never":
 	default:
@@ -150,6 +155,7 @@ func (s *Server) migrate(r *request) (*migrate.Report, error) {
 		Bandwidth:    req.BandwidthMBps * 1e6,
 		Compress:     req.Compress,
 		AutoConverge: req.AutoConverge,
+		Streams:      req.Streams,
 		Progress: func(p migrate.Progress) {
 			s.mig.mu.Lock()
 			s.mig.progress = p

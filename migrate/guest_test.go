@@ -151,14 +151,16 @@ func TestMigrateWorkloadGuest(t *testing.T) {
 	for _, tc := range []struct {
 		name, cmdline string
 		downtime      float64
+		streams       int
 	}{
-		{"idle", "spin", 10},
-		{"10MBps", "dirty 16M 10 4", 50},
-		{"100MBps", "dirty 64M 100 4", 50},
+		{"idle", "spin", 10, 0},
+		{"10MBps", "dirty 16M 10 4", 50, 0},
+		{"100MBps", "dirty 64M 100 4", 50, 0},
+		{"100MBps-4-streams", "dirty 64M 100 4", 50, 4},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			src, tgt, sock, addr := startPair(t, tc.cmdline, "256M")
-			rep, err := api.NewClient(sock).Migrate(api.MigrateRequest{To: addr})
+			rep, err := api.NewClient(sock).Migrate(api.MigrateRequest{To: addr, Streams: tc.streams})
 			if err != nil {
 				t.Fatalf("migrate: %v\nsource:\n%s\ntarget:\n%s", err, src.out.String(), tgt.out.String())
 			}
@@ -171,8 +173,8 @@ func TestMigrateWorkloadGuest(t *testing.T) {
 			}
 			t.Logf("total %.1f ms, downtime %.2f ms (est %.2f), guest gap %.2f ms, rounds %d, wire %d B, non-zero %d B, pages %+v, %s",
 				rep.TotalMS, rep.DowntimeMS, rep.DowntimeEstMS, gap, rep.Rounds, rep.BytesWire, rep.NonZeroBytes, rep.Pages, rep.Compression)
-			if !rep.OK || rep.DowntimeMS > tc.downtime*4 {
-				t.Errorf("report: ok %v downtime %.2f ms", rep.OK, rep.DowntimeMS)
+			if !rep.OK || rep.DowntimeMS > tc.downtime*4 || rep.Streams != max(tc.streams, 1) {
+				t.Errorf("report: ok %v downtime %.2f ms, %d streams", rep.OK, rep.DowntimeMS, rep.Streams)
 			}
 			if tc.cmdline == "spin" {
 				// The guest runs on at the target: its heartbeat gap was seen.

@@ -155,6 +155,13 @@ func migratePair(t *testing.T, opts Options, rate int, proxy func(a, b net.Conn)
 
 func migratePairCtx(t *testing.T, parent context.Context, opts Options, rate int, proxy func(a, b net.Conn)) *pair {
 	t.Helper()
+	return migratePairWrap(t, parent, opts, rate, proxy, nil)
+}
+
+// migratePairWrap is migratePairCtx whose target passes each extra stream
+// it accepts through wrap (when set).
+func migratePairWrap(t *testing.T, parent context.Context, opts Options, rate int, proxy func(a, b net.Conn), wrap func(net.Conn) net.Conn) *pair {
+	t.Helper()
 	p := &pair{src: newFakeSource(t, testMem)}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -197,7 +204,17 @@ func migratePairCtx(t *testing.T, parent context.Context, opts Options, rate int
 			return
 		}
 		defer c.Close()
-		p.in, p.tgtErr = Receive(context.Background(), c, ReceiveOptions{Build: fakeBuilder(&p.tgt), IdleTimeout: 5 * time.Second})
+		accept := l.Accept
+		if wrap != nil {
+			accept = func() (net.Conn, error) {
+				c, err := l.Accept()
+				if err != nil {
+					return nil, err
+				}
+				return wrap(c), nil
+			}
+		}
+		p.in, p.tgtErr = Receive(context.Background(), c, ReceiveOptions{Build: fakeBuilder(&p.tgt), IdleTimeout: 5 * time.Second, Accept: accept})
 	}()
 	opts.ReplyTimeout = 5 * time.Second
 	p.rep, p.srcErr = Migrate(ctx, p.src, addr, opts)
@@ -232,6 +249,8 @@ func TestMigrateRoundTrip(t *testing.T) {
 		{"dirty", Options{Downtime: time.Millisecond}, 20},
 		{"lz4", Options{Compress: "always"}, 5},
 		{"bandwidth", Options{Bandwidth: 50e6, MaxRounds: 3}, 5},
+		{"streams", Options{Streams: 4}, 20},
+		{"streams-lz4", Options{Streams: 3, Compress: "always", Downtime: time.Millisecond}, 20},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := migratePair(t, tc.opts, tc.rate, nil)
@@ -242,6 +261,9 @@ func TestMigrateRoundTrip(t *testing.T) {
 				t.Fatalf("report %+v, target resumed %v, source paused %v", p.rep, p.tgt.resumed.Load(), p.src.paused.Load())
 			}
 			sameMem(t, p.src.mem, p.tgt.mem)
+			if want := max(tc.opts.Streams, 1); p.rep.Streams != want {
+				t.Errorf("%d streams, want %d", p.rep.Streams, want)
+			}
 			nz := p.rep.NonZeroBytes
 			if tc.rate == 0 && float64(p.rep.BytesWire) > 1.05*float64(nz) {
 				t.Errorf("idle: %d bytes on the wire for %d non-zero bytes", p.rep.BytesWire, nz)

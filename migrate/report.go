@@ -127,6 +127,8 @@ type Report struct {
 	Compression string      `json:"compression"`
 	// RateMBps is the measured page transfer rate.
 	RateMBps float64 `json:"rate_mbps"`
+	// Streams is how many TCP connections carried the pages.
+	Streams int `json:"streams,omitempty"`
 	// ThrottlePct is the highest vCPU throttle auto-converge set, in
 	// percent (0: none).
 	ThrottlePct int `json:"throttle_pct,omitempty"`

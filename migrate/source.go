@@ -100,6 +100,11 @@ type Options struct {
 	// lifted when the migration ends, whatever its outcome. The source
 	// must implement Throttler.
 	AutoConverge bool
+	// Streams is how many TCP connections carry the pages (default 1, at
+	// most MaxStreams): each round's chunks are dealt to them in turn,
+	// and the target applies them in parallel. A target that does not
+	// take parallel streams gets one.
+	Streams int
 	// Progress, when set, is called after each round and phase change.
 	Progress func(Progress)
 
@@ -225,6 +230,7 @@ func Send(ctx context.Context, src Source, conn net.Conn, rep *Report, opts Opti
 	err := s.run(ctx)
 	stop()
 	conn.Close()
+	s.closeStreams()
 	if s.throttle > 0 {
 		// Lifted before a failed migration's resume: the guest runs on
 		// at full speed.
@@ -292,6 +298,8 @@ type sender struct {
 	stateSaved time.Time
 	// acked is the last round the target acknowledged (-1: none).
 	acked int
+	// granted is how many streams the target takes (0 or 1: one).
+	granted int
 
 	// disks are the source's disks (protocol 1.1); need the disks whose
 	// base the target asked for.
@@ -300,6 +308,12 @@ type sender struct {
 
 	replies chan frame
 	peerErr chan error
+
+	// Parallel streams beyond the first connection (streams.go), their
+	// writers, and the bytes they wrote.
+	streams     []*outStream
+	streamWG    sync.WaitGroup
+	streamBytes atomic.Int64
 
 	// Auto-converge: the source's throttle, the one set (percent), and
 	// the rounds in a row that dirtied faster than they sent.
@@ -326,7 +340,7 @@ func (s *sender) wireBytes() int64 {
 	if s.fw == nil {
 		return 0
 	}
-	return s.fw.bytes
+	return s.fw.bytes + s.streamBytes.Load()
 }
 
 func (s *sender) progress(phase string, round int, dirtyRate float64, dirtyBytes int64) {
@@ -391,6 +405,13 @@ func (s *sender) run(ctx context.Context) error {
 	if fp, ok := stateFingerprint(); ok {
 		h.flags, h.stateFP = helloStateFP, fp
 	}
+	if s.opts.Streams < 0 || s.opts.Streams > MaxStreams {
+		return fmt.Errorf("migrate: %d streams: want 1 to %d", s.opts.Streams, MaxStreams)
+	}
+	if s.opts.Streams > 1 {
+		h.flags |= helloStreams
+		h.streams, h.token = uint32(s.opts.Streams), newToken()
+	}
 	for _, r := range s.regs {
 		h.regions = append(h.regions, region{r.GPA, r.Size()})
 	}
@@ -411,6 +432,12 @@ func (s *sender) run(ctx context.Context) error {
 	if err := s.readWelcome(); err != nil {
 		return err
 	}
+	if s.granted > 1 {
+		if err := s.openStreams(s.granted, h.token); err != nil {
+			return err
+		}
+	}
+	s.rep.Streams = 1 + len(s.streams)
 	if s.opts.Compress == "auto" && s.hashes != nil {
 		// The target holds pages by hash: this is a fresh appliance
 		// shipped to a host that has its base, where the bytes on the
@@ -772,11 +799,25 @@ func (s *sender) readWelcome() error {
 		return &ProtocolError{f.off, fmt.Sprintf("welcome announces %d hashes", n)}
 	}
 	s.rep.HashesAnnounced = int(n)
-	if flags := binary.LittleEndian.Uint32(f.payload[4:]); flags&welcomeBinaryState != 0 {
-		if _, ok := stateFingerprint(); !ok || flags != welcomeBinaryState {
-			return &ProtocolError{f.off, fmt.Sprintf("welcome flags %#x", flags)}
+	flags := binary.LittleEndian.Uint32(f.payload[4:])
+	if flags&^(welcomeBinaryState|welcomeStreams|0xff<<16) != 0 {
+		return &ProtocolError{f.off, fmt.Sprintf("welcome flags %#x", flags)}
+	}
+	if flags&welcomeBinaryState != 0 {
+		if _, ok := stateFingerprint(); !ok {
+			return &ProtocolError{f.off, fmt.Sprintf("welcome flags %#x: a binary state this source cannot check", flags)}
 		}
 		s.binaryState = true
+	}
+	if flags&welcomeStreams != 0 {
+		// At least 2, at most what the hello asked for.
+		g := int(flags >> 16 & 0xff)
+		if g < 2 || g > s.opts.Streams {
+			return &ProtocolError{f.off, fmt.Sprintf("welcome grants %d streams, %d asked for", g, s.opts.Streams)}
+		}
+		s.granted = g
+	} else if flags>>16 != 0 {
+		return &ProtocolError{f.off, fmt.Sprintf("welcome flags %#x", flags)}
 	}
 	if rest := f.payload[16:]; len(rest) > 0 {
 		// Protocol 1.1: u32 count, u32 disk index each: the bases to send.
@@ -972,7 +1013,7 @@ func (s *sender) putBuf(b []byte) {
 func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (RoundStat, error) {
 	start := time.Now()
 	st := RoundStat{Round: round, StartMS: ms(start.Sub(s.start))}
-	bytes0 := s.fw.bytes
+	bytes0 := s.wireBytes()
 	var work []chunkWork
 	var untouched int64 // round 0: pages never touched, zero without a look
 	for ri, r := range s.regs {
@@ -1045,8 +1086,14 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 	var werr error
 	n := 0
 	for e := range out {
+		dealt := false
 		if werr == nil {
-			if len(e.buf) > 0 {
+			if k := n % (1 + len(s.streams)); k > 0 && len(e.buf) > 0 {
+				// An extra stream's writer writes it and hands the
+				// buffer back.
+				s.streams[k-1].ch <- streamItem{e: e}
+				dealt = true
+			} else if len(e.buf) > 0 {
 				t0 := time.Now()
 				werr = s.fw.write(e.buf)
 				s.busyNanos += int64(time.Since(t0))
@@ -1078,7 +1125,9 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 				close(quit)
 			}
 		}
-		s.putBuf(e.buf)
+		if !dealt {
+			s.putBuf(e.buf)
+		}
 	}
 	if werr != nil {
 		return st, s.wireErr(fmt.Sprintf("round %d", round), werr)
@@ -1093,6 +1142,18 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 	var rb [16]byte
 	binary.LittleEndian.PutUint32(rb[:], uint32(round))
 	binary.LittleEndian.PutUint64(rb[8:], uint64(st.Pages))
+	if len(s.streams) > 0 {
+		// Every stream ends the round (and, after the stop phase's
+		// round, the migration: they carry nothing else).
+		if err := s.endStreams(frameRound, rb); err != nil {
+			return st, err
+		}
+		if final {
+			if err := s.endStreams(frameEnd, rb); err != nil {
+				return st, err
+			}
+		}
+	}
 	if err := s.fw.send(frameRound, rb[:]); err != nil {
 		return st, s.wireErr(fmt.Sprintf("round %d", round), err)
 	}
@@ -1107,7 +1168,7 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 	}
 	d := time.Since(start)
 	st.MS = ms(d)
-	st.Bytes = s.fw.bytes - bytes0
+	st.Bytes = s.wireBytes() - bytes0
 	// The rate of page bytes handled: what the stop phase's estimate
 	// divides by. Round 0 also scans zero memory, so it counts the
 	// non-zero pages only (an underestimate, which errs towards more
@@ -1132,7 +1193,7 @@ func (s *sender) sendRound(round int, cand, dcand [][]uint64, final bool) (Round
 }
 
 func (s *sender) sample() {
-	s.rep.Timeline = append(s.rep.Timeline, Sample{MS: ms(time.Since(s.start)), Bytes: s.fw.bytes})
+	s.rep.Timeline = append(s.rep.Timeline, Sample{MS: ms(time.Since(s.start)), Bytes: s.wireBytes()})
 }
 
 // smallRound: a round of at most this many chunks is encoded without

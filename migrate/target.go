@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"io"
 	"math/bits"
+	"net"
+	"sync"
 	"time"
 
 	"github.com/pierrec/lz4/v4"
@@ -49,6 +51,10 @@ type ReceiveOptions struct {
 	IdleTimeout time.Duration
 	// Progress, when set, is told each finished round.
 	Progress func(round int, bytes int64)
+	// Accept, when set, takes the source's extra connections for
+	// parallel streams (protocol 1.3) from the listener the first came
+	// from; without it the target takes one stream only.
+	Accept func() (net.Conn, error)
 }
 
 // Incoming is a received, resumed machine.
@@ -113,11 +119,13 @@ func Receive(ctx context.Context, conn io.ReadWriter, opts ReceiveOptions) (*Inc
 			r.fw.send(frameError, []byte(msg))
 			r.fw.flush()
 		}
+		r.stopStreams()
 		if r.t != nil && !r.resumed {
 			r.t.Close()
 		}
 		return nil, err
 	}
+	r.stopStreams()
 	return in, nil
 }
 
@@ -140,11 +148,25 @@ type receiver struct {
 	disks     []DiskInfo
 	basePaths []string
 	tdisks    []machine.Disk
+
+	// Parallel streams (streams.go): the extra ones, the channel closed
+	// to stop their loops, and the loops.
+	streams  []*inStream
+	quit     chan struct{}
+	streamWG sync.WaitGroup
+	streamMu sync.Mutex // guards streamErr
+	// streamErr is the first extra stream's failure (streamFailed).
+	streamErr error
 }
 
 func (r *receiver) next() (frame, error) {
 	if r.dl != nil {
 		r.dl.SetReadDeadline(time.Now().Add(r.opts.IdleTimeout))
+	}
+	// After the deadline is set: a stream failing later cuts the read
+	// short (streamFailed).
+	if err := r.streamFailure(); err != nil {
+		return frame{}, err
 	}
 	f, err := r.fr.next()
 	if err != nil {
@@ -157,6 +179,9 @@ func (r *receiver) next() (frame, error) {
 }
 
 func (r *receiver) readErr(err error) error {
+	if serr := r.streamFailure(); serr != nil {
+		return serr // the cause of the cut read
+	}
 	if err == io.EOF || errors.Is(err, io.ErrUnexpectedEOF) {
 		return fmt.Errorf("migrate: the source closed the connection at byte %d: %w", r.fr.off, err)
 	}
@@ -175,6 +200,9 @@ func (r *receiver) readErr(err error) error {
 func (r *receiver) directPages() (bool, error) {
 	if r.dl != nil {
 		r.dl.SetReadDeadline(time.Now().Add(r.opts.IdleTimeout))
+	}
+	if err := r.streamFailure(); err != nil {
+		return false, err
 	}
 	c, ok, err := r.fr.peekPlainPages()
 	if err != nil {
@@ -226,10 +254,15 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 	w := make([]byte, 16)
 	binary.LittleEndian.PutUint16(w[0:], ProtoMajor)
 	binary.LittleEndian.PutUint16(w[2:], ProtoMinor)
+	var wflags uint32
 	if fp, ok := stateFingerprint(); ok && h.flags&helloStateFP != 0 && h.stateFP == fp {
-		binary.LittleEndian.PutUint32(w[4:], welcomeBinaryState)
+		wflags |= welcomeBinaryState
 		r.binaryState = true
 	}
+	if h.flags&helloStreams != 0 && r.opts.Accept != nil {
+		wflags |= welcomeStreams | h.streams<<16
+	}
+	binary.LittleEndian.PutUint32(w[4:], wflags)
 	if h.minor >= 1 && len(need) > 0 {
 		w = binary.LittleEndian.AppendUint32(w, uint32(len(need)))
 		for _, i := range need {
@@ -258,6 +291,11 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 	if err := r.fw.flush(); err != nil {
 		return nil, fmt.Errorf("migrate: sending welcome: %w", err)
 	}
+	if wflags&welcomeStreams != 0 {
+		if err := r.acceptStreams(h.streams, h.token); err != nil {
+			return nil, err
+		}
+	}
 	r.plain = make([]byte, chunkBytes)
 	if err := r.receiveBases(need); err != nil {
 		return nil, err
@@ -285,6 +323,7 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 		}
 	}
 
+	r.startStreams()
 	var st *machine.MachineState
 	round := 0
 	for {
@@ -310,11 +349,16 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 			if len(f.payload) != 16 || binary.LittleEndian.Uint32(f.payload) != uint32(round) {
 				return nil, &ProtocolError{f.off, fmt.Sprintf("round frame out of sequence (want round %d)", round)}
 			}
+			// Every stream's part of the round is applied first.
+			if err := r.roundBarrier(round); err != nil {
+				return nil, err
+			}
 			// Acknowledged once applied: the source pauses only when the
 			// target has caught up, so no backlog hides in the downtime.
 			if err := r.fw.send(frameRoundAck, f.payload[:4]); err == nil {
 				err = r.fw.flush()
 			}
+			r.releaseStreams()
 			round++
 			r.stats.Rounds = round
 			if r.opts.Progress != nil {
@@ -357,6 +401,9 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 		case frameEnd:
 			if st == nil {
 				return nil, &ProtocolError{f.off, "end before the state"}
+			}
+			if err := r.endStreams(); err != nil {
+				return nil, err
 			}
 			return r.finish(ctx, st)
 		default:

@@ -15,7 +15,7 @@ import (
 // target accepts the same major version with a minor no newer than its own.
 const (
 	ProtoMajor = 1
-	ProtoMinor = 2
+	ProtoMinor = 3
 )
 
 // Hello and welcome flags (protocol 1.2).
@@ -23,10 +23,19 @@ const (
 	// helloStateFP: the hello ends with the fingerprint of the source's
 	// machine-state type (statecodec.go).
 	helloStateFP = 1 << 0
+	// helloStreams (1.3): the hello ends with a u32 stream count (2 to
+	// MaxStreams) and the 16-byte token the extra streams present.
+	helloStreams = 1 << 1
 	// welcomeBinaryState: the target has the same fingerprint and wants
 	// the state in the binary encoding.
 	welcomeBinaryState = 1 << 0
+	// welcomeStreams (1.3): the target takes parallel streams; the
+	// flags' bits 16-23 say how many in all (2 to the count asked for).
+	welcomeStreams = 1 << 1
 )
+
+// MaxStreams bounds the parallel streams of one migration.
+const MaxStreams = 16
 
 // Frame types.
 const (
@@ -45,13 +54,14 @@ const (
 	frameInfo     = 13 // T->S: JSON figures (guest-observed gap)
 	frameError    = 14 // either way: a message, then the sender closes
 	frameRoundAck = 15 // T->S: a round is applied
+	frameStream   = 20 // S->T: first frame of an extra stream: token, index (1.3)
 )
 
 var frameNames = map[byte]string{
 	frameHello: "hello", frameWelcome: "welcome", frameHashes: "hashes", framePages: "pages",
 	frameZero: "zero", frameHashRef: "hashref", frameRound: "round", frameState: "state",
 	frameEnd: "end", frameReady: "ready", frameCommit: "commit", frameResumed: "resumed",
-	frameInfo: "info", frameError: "error", frameRoundAck: "round-ack",
+	frameInfo: "info", frameError: "error", frameRoundAck: "round-ack", frameStream: "stream",
 	frameDisks: "disks", frameBase: "base", frameBaseEnd: "base-end", frameDiskBlock: "disk-block",
 }
 
@@ -348,6 +358,8 @@ type hello struct {
 	flags        uint32
 	regions      []region
 	stateFP      [hashSize]byte // with helloStateFP
+	streams      uint32         // with helloStreams
+	token        [hashSize]byte // with helloStreams
 }
 
 type region struct{ gpa, size uint64 }
@@ -367,6 +379,10 @@ func (h *hello) marshal() []byte {
 	}
 	if h.flags&helloStateFP != 0 {
 		b = append(b, h.stateFP[:]...)
+	}
+	if h.flags&helloStreams != 0 {
+		b = binary.LittleEndian.AppendUint32(b, h.streams)
+		b = append(b, h.token[:]...)
 	}
 	return b
 }
@@ -401,11 +417,14 @@ func parseHello(f frame) (*hello, error) {
 	}
 	n := binary.LittleEndian.Uint32(p[32:])
 	var extra uint64
-	switch {
-	case h.flags == helloStateFP && h.minor >= 2:
-		extra = hashSize
-	case h.flags != 0:
+	if h.flags&^(helloStateFP|helloStreams) != 0 || (h.flags&helloStateFP != 0 && h.minor < 2) || (h.flags&helloStreams != 0 && h.minor < 3) {
 		return nil, bad("flags %#x", h.flags)
+	}
+	if h.flags&helloStateFP != 0 {
+		extra += hashSize
+	}
+	if h.flags&helloStreams != 0 {
+		extra += 4 + hashSize
 	}
 	if n < 1 || n > MaxRegions || uint64(len(p)) != 36+uint64(n)*16+extra {
 		return nil, bad("%d regions in %d bytes", n, len(p))
@@ -426,10 +445,39 @@ func parseHello(f frame) (*hello, error) {
 	if total != h.memSize {
 		return nil, bad("regions hold %d bytes, memory size %d", total, h.memSize)
 	}
-	if extra != 0 {
-		h.stateFP = [hashSize]byte(p[len(p)-hashSize:])
+	q := p[36+16*uint64(n):]
+	if h.flags&helloStateFP != 0 {
+		h.stateFP, q = [hashSize]byte(q), q[hashSize:]
+	}
+	if h.flags&helloStreams != 0 {
+		h.streams, h.token = binary.LittleEndian.Uint32(q), [hashSize]byte(q[4:])
+		if h.streams < 2 || h.streams > MaxStreams {
+			return nil, bad("%d streams", h.streams)
+		}
 	}
 	return h, nil
+}
+
+// marshalStreamHello is the payload of an extra stream's first frame:
+// the migration's token and the stream's index (1 to streams-1).
+func marshalStreamHello(token [hashSize]byte, index uint32) []byte {
+	return binary.LittleEndian.AppendUint32(token[:], index)
+}
+
+// parseStreamHello checks an extra stream's first frame against the
+// migration's token and stream count and returns its index.
+func parseStreamHello(f frame, token [hashSize]byte, streams uint32) (uint32, error) {
+	if f.typ != frameStream || len(f.payload) != hashSize+4 {
+		return 0, &ProtocolError{f.off, fmt.Sprintf("expected a stream frame, got %s of %d bytes", frameName(f.typ), len(f.payload))}
+	}
+	if [hashSize]byte(f.payload) != token {
+		return 0, &ProtocolError{f.off, "stream frame: the token is not this migration's"}
+	}
+	i := binary.LittleEndian.Uint32(f.payload[hashSize:])
+	if i < 1 || i >= streams {
+		return 0, &ProtocolError{f.off, fmt.Sprintf("stream frame: index %d of %d streams", i, streams)}
+	}
+	return i, nil
 }
 
 // chunkHeader is the start of pages, zero and hashref frames.

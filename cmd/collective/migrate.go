@@ -38,6 +38,7 @@ func migrateCmd(args []string) int {
 	bw := fs.Float64("bandwidth", 0, "bandwidth cap in MB/s (10^6 bytes; 0: none)")
 	compress := fs.String("compress", "auto", "lz4: auto (when the measured link and ratio say it pays), always or never")
 	report := fs.String("report", "", "also write the JSON report to this file")
+	streams := fs.Int("streams", 1, fmt.Sprintf("TCP connections carrying the pages in parallel (1 to %d)", migrate.MaxStreams))
 	converge := fs.Bool("auto-converge", false, "throttle the vCPUs (20%, then 10% more, up to 99%) while the guest dirties memory faster than the rounds carry it")
 	fs.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: collective migrate --api SOCKET --to HOST:PORT [flags]\n\n"+
@@ -57,7 +58,7 @@ func migrateCmd(args []string) int {
 	}
 	c := api.NewClient(*sock)
 	req := api.MigrateRequest{To: *to, DowntimeMS: float64(downtime.Microseconds()) / 1000, MaxRounds: *rounds,
-		BandwidthMBps: *bw, Compress: *compress, AutoConverge: *converge}
+		BandwidthMBps: *bw, Compress: *compress, AutoConverge: *converge, Streams: *streams}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -250,8 +251,8 @@ func runIncoming(addr string, pre machine.Config, console io.Writer, input bool,
 	stopAccept := context.AfterFunc(ctx, func() { l.Close() })
 	conn, err := l.Accept()
 	stopAccept()
-	l.Close()
 	if err != nil {
+		l.Close()
 		if prebuilt != nil {
 			prebuilt.Close()
 		}
@@ -266,6 +267,16 @@ func runIncoming(addr string, pre machine.Config, console io.Writer, input bool,
 		Cache:   cache,
 		Bases:   bases,
 		OnBases: func(p []string) { basePaths = p },
+		Accept: func() (net.Conn, error) {
+			if tl, ok := l.(*net.TCPListener); ok {
+				tl.SetDeadline(time.Now().Add(10 * time.Second))
+			}
+			c, err := l.Accept()
+			if tc, ok := c.(*net.TCPConn); ok {
+				tc.SetReadBuffer(4 << 20)
+			}
+			return c, err
+		},
 		Build: func(size uint64, cpus int) (migrate.Target, error) {
 			// Each copy-on-write disk over the base found (or received)
 			// by the source's hash.
@@ -298,6 +309,9 @@ func runIncoming(addr string, pre machine.Config, console io.Writer, input bool,
 			return tgt, nil
 		},
 	})
+	// The listener stayed open for the source's extra streams
+	// (--streams), taken during the handshake.
+	l.Close()
 	conn.Close()
 	if prebuilt != nil {
 		prebuilt.Close()
