@@ -69,7 +69,7 @@
 // The CRC is verified before a byte of the payload is interpreted.
 //
 //	S->T hello    (1)  "CLVMIGR\n", u16 major, u16 minor, u32 page size (4096),
-//	                   u64 memory bytes, u32 vCPUs, u32 flags (0, or 1.2: 1),
+//	                   u64 memory bytes, u32 vCPUs, u32 flags (0, or 1.2: 1, 1.3: 2),
 //	                   u32 region count, {u64 GPA, u64 size} per region,
 //	                   1.2 with flag 1: [16]u8 state fingerprint
 //	T->S welcome  (2)  u16 major, u16 minor, u32 flags (0, or 1.2: 1),
@@ -124,6 +124,27 @@
 // integers checked against their fields, nothing left over) and validated
 // like JSON. Different fingerprints (another build of the state types)
 // keep JSON; a target never accepts encoding 2 unless it asked for it.
+//
+// Protocol 1.3 adds parallel streams (Options.Streams, --streams N;
+// streams.go). The source sets hello flag 2 and appends, after the
+// fingerprint if any, u32 streams (2 to MaxStreams) and a random 16-byte
+// token; a target that can accept more connections (ReceiveOptions.Accept)
+// sets welcome flag 2 with the count it takes in the flags' bits 16-23.
+// The source then opens the other connections, each starting with
+//
+//	S->T stream   (20) [16]u8 token, u32 index (1 to streams-1)
+//
+// and deals each round's chunk frames (pages, zero, hashref) to all the
+// connections in turn; every connection ends each round with its own
+// round frame, and the extra ones end with an end frame after the stop
+// phase's round. The first connection alone carries everything else
+// (disks, bases, disk blocks, state, the handshake). The target applies
+// the streams in parallel but acknowledges a round only once every stream
+// has reached its round frame, and lets none start the next round before:
+// a page goes at most once per round, so pages of two rounds never race.
+// A stream's failure (a cut, a CRC mismatch, a wrong token or index) fails
+// the whole migration at once, with that stream's error, and the target
+// stops every stream's loop before it discards the machine.
 //
 // # Disks
 //
