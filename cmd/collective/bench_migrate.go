@@ -75,7 +75,7 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 			}
 			var ours, q []migResult
 			runOurs := func() error {
-				r, err := retry("collective", func() (migResult, error) { return migrateOurs(self, elf, load.cmdline, mem, nil, nil) })
+				r, err := retry("collective", func() (migResult, error) { return migrateOurs(self, elf, load.cmdline, mem, nil, nil, 0) })
 				if err != nil {
 					return fmt.Errorf("collective %d MiB %s: %w", mem, load.name, err)
 				}
@@ -84,7 +84,7 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 				return nil
 			}
 			runQEMU := func() error {
-				qr, err := retry("qemu", func() (migResult, error) { return migrateQEMU(elf, load.cmdline, mem, nil) })
+				qr, err := retry("qemu", func() (migResult, error) { return migrateQEMU(elf, load.cmdline, mem, nil, 0) })
 				if err != nil {
 					return fmt.Errorf("qemu %d MiB %s: %w", mem, load.name, err)
 				}
@@ -132,6 +132,52 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 			"    qemu own: QEMU's own figures (integer ms), which stop at the last byte sent, before the target loads and starts. src-side: ours on that definition (pause to the last byte sent); its ratio is against QEMU's own downtime.\n"+
 			"    guest gap: the stall the guest itself saw (spin gaps, first line on the target), both VMMs", n),
 			[]string{"guest", "load", "total ms", "qemu", "ratio", "qemu own", "ratio", "downtime ms", "qemu", "ratio", "ack ms", "qemu own", "ratio", "src-side ms", "ratio", "guest gap ms", "qemu", "ratio", "wire MB", "qemu", "ratio", "wire/non-zero", "rounds", "qemu"}, rows)
+	}
+	// Parallel streams: ours against QEMU's multifd, the same number of
+	// connections, on the dirtiest load.
+	var srows [][]string
+	for _, mem := range []int{256, 1024} {
+		const streams = 4
+		name := fmt.Sprintf("%d MiB 100MB/s %d streams", mem, streams)
+		if only != "" && !strings.Contains(name, only) {
+			continue
+		}
+		cmdline := "dirty 64M 100 0"
+		var ours, q []migResult
+		for i := 0; i < n; i++ {
+			err := inTurn(i, func() error {
+				r, err := retry("collective", func() (migResult, error) { return migrateOurs(self, elf, cmdline, mem, nil, nil, streams) })
+				if err != nil {
+					return fmt.Errorf("collective %s: %w", name, err)
+				}
+				r.Mem, r.Load = mem, fmt.Sprintf("100MB/s, %d streams", streams)
+				ours = append(ours, r)
+				return nil
+			}, func() error {
+				r, err := retry("qemu", func() (migResult, error) { return migrateQEMU(elf, cmdline, mem, nil, streams) })
+				if err != nil {
+					return fmt.Errorf("qemu %s: %w", name, err)
+				}
+				r.Mem, r.Load = mem, fmt.Sprintf("100MB/s, %d streams", streams)
+				q = append(q, r)
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+		}
+		rawRows(name, ours, q)
+		o, qm := medianResult(ours), medianResult(q)
+		results = append(results, o, qm)
+		srows = append(srows, []string{fmt.Sprintf("%d MiB", mem), "100MB/s", strconv.Itoa(streams),
+			fmt.Sprintf("%.1f", o.TotalMS), fmt.Sprintf("%.1f", qm.ToRunMS), f3(pairRatio2(ours, q, func(r migResult) float64 { return r.TotalMS }, func(r migResult) float64 { return r.ToRunMS })),
+			f2(o.DowntimeMS), f2(qm.PauseToRunMS), f3(pairRatio2(ours, q, func(r migResult) float64 { return r.DowntimeMS }, func(r migResult) float64 { return r.PauseToRunMS })),
+			f2(float64(o.Bytes) / 1e6), f2(float64(qm.Bytes) / 1e6), f3(pairRatio(ours, q, func(r migResult) float64 { return float64(r.Bytes) })),
+			strconv.Itoa(o.Rounds), strconv.Itoa(qm.Rounds)})
+	}
+	if len(srows) > 0 {
+		table(fmt.Sprintf("(e3) parallel streams: ours (--streams) against QEMU's multifd with as many channels, as in (e) otherwise; median of %d interleaved runs, ratios as in (e)", n),
+			[]string{"guest", "load", "streams", "total ms", "qemu", "ratio", "downtime ms", "qemu", "ratio", "wire MB", "qemu", "ratio", "rounds", "qemu"}, srows)
 	}
 	// A freshly booted appliance, its base snapshot in the target's cache.
 	if only == "" || strings.Contains("256 MiB fresh appliance", only) {
@@ -199,17 +245,17 @@ func benchFresh(self, elf string, n int, rawRows func(string, ...[]migResult)) (
 	var with, without, q []migResult
 	for i := 0; i < n; i++ {
 		r, err := retry("collective", func() (migResult, error) {
-			return migrateOurs(self, elf, "spin gaps", mem, src, []string{"--cache", cache})
+			return migrateOurs(self, elf, "spin gaps", mem, src, []string{"--cache", cache}, 0)
 		})
 		if err != nil {
 			return nil, fmt.Errorf("fresh appliance, cache: %w", err)
 		}
 		with = append(with, r)
-		if r, err = retry("collective", func() (migResult, error) { return migrateOurs(self, elf, "spin gaps", mem, src, nil) }); err != nil {
+		if r, err = retry("collective", func() (migResult, error) { return migrateOurs(self, elf, "spin gaps", mem, src, nil, 0) }); err != nil {
 			return nil, fmt.Errorf("fresh appliance, no cache: %w", err)
 		}
 		without = append(without, r)
-		qr, err := retry("qemu", func() (migResult, error) { return migrateQEMU(elf, "spin gaps", mem, []string{"-initrd", initrd}) })
+		qr, err := retry("qemu", func() (migResult, error) { return migrateQEMU(elf, "spin gaps", mem, []string{"-initrd", initrd}, 0) })
 		if err != nil {
 			return nil, fmt.Errorf("fresh appliance, qemu: %w", err)
 		}
@@ -465,7 +511,9 @@ func stopProc(c *exec.Cmd) {
 	}
 }
 
-func migrateOurs(self, elf, cmdline string, memMiB int, srcArgs, tgtArgs []string) (migResult, error) {
+// migrateOurs migrates the workload guest between two collective
+// processes, its pages over streams TCP connections (0: the default).
+func migrateOurs(self, elf, cmdline string, memMiB int, srcArgs, tgtArgs []string, streams int) (migResult, error) {
 	dir, err := os.MkdirTemp("", "bench-migrate")
 	if err != nil {
 		return migResult{}, err
@@ -500,7 +548,7 @@ func migrateOurs(self, elf, cmdline string, memMiB int, srcArgs, tgtArgs []strin
 			return migResult{}, err
 		}
 	}
-	rep, err := api.NewClient(sock).Migrate(api.MigrateRequest{To: addr, DowntimeMS: 50})
+	rep, err := api.NewClient(sock).Migrate(api.MigrateRequest{To: addr, DowntimeMS: 50, Streams: streams})
 	if err != nil {
 		return migResult{}, err
 	}
@@ -624,7 +672,10 @@ func (q *qmp) do(cmd string, args any) (json.RawMessage, error) {
 	}
 }
 
-func migrateQEMU(elf, cmdline string, memMiB int, extra []string) (migResult, error) {
+// migrateQEMU migrates the workload guest between two QEMU processes;
+// with streams > 1 over that many multifd channels (QEMU's parallel
+// streams, off by default).
+func migrateQEMU(elf, cmdline string, memMiB int, extra []string, streams int) (migResult, error) {
 	dir, err := os.MkdirTemp("", "bench-migrate-qemu")
 	if err != nil {
 		return migResult{}, err
@@ -641,7 +692,12 @@ func migrateQEMU(elf, cmdline string, memMiB int, extra []string) (migResult, er
 	}
 	tgtSerial := filepath.Join(dir, "tgt.out")
 	tsock := filepath.Join(dir, "tqmp.sock")
-	tgt, err := startProc(append(append(base(tgtSerial), extra...), "-incoming", "tcp:"+addr, "-qmp", "unix:"+tsock+",server=on,wait=off"))
+	incoming := "tcp:" + addr
+	if streams > 1 {
+		// multifd is set on both sides before the target listens.
+		incoming = "defer"
+	}
+	tgt, err := startProc(append(append(base(tgtSerial), extra...), "-incoming", incoming, "-qmp", "unix:"+tsock+",server=on,wait=off"))
 	if err != nil {
 		return migResult{}, err
 	}
@@ -657,11 +713,6 @@ func migrateQEMU(elf, cmdline string, memMiB int, extra []string) (migResult, er
 		return migResult{}, err
 	}
 	time.Sleep(300 * time.Millisecond)
-	// A probe connection would be taken for the migration: look for the
-	// target's listening socket instead.
-	if err := waitListen(addr, 30*time.Second); err != nil {
-		return migResult{}, err
-	}
 	q, err := dialQMP(sock)
 	if err != nil {
 		return migResult{}, err
@@ -674,6 +725,24 @@ func migrateQEMU(elf, cmdline string, memMiB int, extra []string) (migResult, er
 		return migResult{}, err
 	}
 	defer tq.c.Close()
+	if streams > 1 {
+		for _, m := range []*qmp{q, tq} {
+			if _, err := m.do("migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "multifd", "state": true}}}); err != nil {
+				return migResult{}, err
+			}
+			if _, err := m.do("migrate-set-parameters", map[string]any{"multifd-channels": streams}); err != nil {
+				return migResult{}, err
+			}
+		}
+		if _, err := tq.do("migrate-incoming", map[string]any{"uri": "tcp:" + addr}); err != nil {
+			return migResult{}, err
+		}
+	}
+	// A probe connection would be taken for the migration: look for the
+	// target's listening socket instead.
+	if err := waitListen(addr, 30*time.Second); err != nil {
+		return migResult{}, err
+	}
 	// Our migration has no bandwidth cap and a 50 ms downtime limit:
 	// QEMU gets the same (its default cap is 128 MiB/s).
 	if _, err := q.do("migrate-set-parameters", map[string]any{"max-bandwidth": int64(100e9), "downtime-limit": 50}); err != nil {
