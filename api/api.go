@@ -36,6 +36,7 @@ import (
 
 	"collective/kvm"
 	"collective/machine"
+	"collective/migrate"
 	"collective/snapshot"
 )
 
@@ -102,6 +103,7 @@ type Server struct {
 
 // NewServer returns a server for m, whose snapshots ss takes.
 func NewServer(m *machine.Machine, ss *snapshot.Session) *Server {
+	migrate.Warm() // the machine may migrate: its first migration starts faster
 	return &Server{m: m, ss: ss}
 }
 

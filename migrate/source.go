@@ -429,6 +429,20 @@ func (s *sender) run(ctx context.Context) error {
 	if err := s.fw.flush(); err != nil {
 		return s.wireErr("sending hello", err)
 	}
+	// Dirty tracking goes on while the target answers (a millisecond or
+	// so of KVM memory-slot updates, off the migration's critical path);
+	// round 0 waits for it.
+	logging := make(chan error, 1)
+	go func() { logging <- s.startLogging() }()
+	loggingOn := func() error {
+		if logging == nil {
+			return nil
+		}
+		err := <-logging
+		logging = nil
+		return err
+	}
+	defer loggingOn() // on every path: giveBack reads what it took
 	if err := s.readWelcome(); err != nil {
 		return err
 	}
@@ -456,14 +470,7 @@ func (s *sender) run(ctx context.Context) error {
 		return err
 	}
 
-	// Dirty tracking on, and both logs emptied: from here every write is
-	// in the logs, round 0 copies everything else.
-	for i := range s.regs {
-		if err := s.src.SetDirtyLogging(i, true); err != nil {
-			return err
-		}
-	}
-	if _, err := s.takeDirty(); err != nil {
+	if err := loggingOn(); err != nil {
 		return err
 	}
 	s.takeDiskDirty()
@@ -708,6 +715,18 @@ func (s *sender) encodeMachineState() ([]byte, error) {
 		return nil, fmt.Errorf("migrate: machine state of %d bytes exceeds the limit of %d", len(enc), MaxStateSize)
 	}
 	return enc, nil
+}
+
+// startLogging turns dirty tracking on and empties both logs: from then
+// on every write is in the logs, and round 0 copies everything else.
+func (s *sender) startLogging() error {
+	for i := range s.regs {
+		if err := s.src.SetDirtyLogging(i, true); err != nil {
+			return err
+		}
+	}
+	_, err := s.takeDirty()
+	return err
 }
 
 // pollAcks takes the round acknowledgements that have arrived, without

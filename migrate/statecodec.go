@@ -40,6 +40,17 @@ var (
 	codecOK   bool
 )
 
+// Warm computes, in the background, what every migration needs first and
+// builds once per process (the state type's fingerprint, 0.3 ms here; the
+// CRC-32C tables, 0.2 ms): a process that may migrate calls it early, so
+// that its first migration does not pay for them at its start.
+func Warm() {
+	go func() {
+		stateFingerprint()
+		castagnoli()
+	}()
+}
+
 // stateFingerprint returns the fingerprint of machine.MachineState's
 // layout, and false if the type has a kind the binary encoding does not
 // cover (the state then always goes as JSON).

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"sync"
 	"time"
 )
 
@@ -39,23 +40,43 @@ type streamItem struct {
 // their writers.
 func (s *sender) openStreams(n int, token [hashSize]byte) error {
 	addr := s.conn.RemoteAddr().String()
+	// Dialled at once: each connect waits on the target's host.
+	conns := make([]net.Conn, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
 	for i := 1; i < n; i++ {
-		d := net.Dialer{Timeout: s.opts.DialTimeout}
-		c, err := d.Dial("tcp", addr)
-		if err != nil {
-			return fmt.Errorf("migrate: opening stream %d of %d to %s: %w", i+1, n, addr, err)
+		wg.Go(func() {
+			d := net.Dialer{Timeout: s.opts.DialTimeout}
+			conns[i], errs[i] = d.Dial("tcp", addr)
+		})
+	}
+	wg.Wait()
+	for i := 1; i < n; i++ {
+		if errs[i] != nil {
+			for _, c := range conns {
+				if c != nil {
+					c.Close()
+				}
+			}
+			return fmt.Errorf("migrate: opening stream %d of %d to %s: %w", i+1, n, addr, errs[i])
 		}
+	}
+	for i := 1; i < n; i++ {
+		c := conns[i]
 		if tc, ok := c.(*net.TCPConn); ok {
 			tc.SetNoDelay(true)
 			tc.SetWriteBuffer(4 << 20)
 		}
 		o := &outStream{conn: c, fw: newFrameWriter(c, s.opts.Bandwidth/float64(n)), ch: make(chan streamItem, 8), done: make(chan error, 1)}
-		s.streams = append(s.streams, o)
-		if err := o.fw.send(frameStream, marshalStreamHello(token, uint32(i))); err != nil {
-			return s.wireErr(fmt.Sprintf("opening stream %d", i+1), err)
+		s.streams = append(s.streams, o) // closed by closeStreams from here
+	}
+	for i, o := range s.streams {
+		// Its writer starts once the stream frame is out.
+		if err := o.fw.send(frameStream, marshalStreamHello(token, uint32(i+1))); err != nil {
+			return s.wireErr(fmt.Sprintf("opening stream %d", i+2), err)
 		}
 		if err := o.fw.flush(); err != nil {
-			return s.wireErr(fmt.Sprintf("opening stream %d", i+1), err)
+			return s.wireErr(fmt.Sprintf("opening stream %d", i+2), err)
 		}
 		s.streamWG.Add(1)
 		go s.writeStream(o)

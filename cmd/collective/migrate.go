@@ -241,6 +241,7 @@ func runIncoming(addr string, pre machine.Config, console io.Writer, input bool,
 		}
 		prebuilt = m
 	}
+	migrate.Warm()
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return failf("%v", err)
