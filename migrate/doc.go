@@ -88,7 +88,8 @@
 //	S->T end      (9)  empty: everything is sent
 //	T->S ready    (10) empty: restored, waiting for the commit
 //	S->T commit   (11) empty: run now; the source never resumes after this
-//	T->S resumed  (12) u64 nanoseconds from commit received to vCPUs started
+//	T->S resumed  (12) u64 nanoseconds from commit received to vCPUs started;
+//	                   1.3: then u64 the target's wall clock (Unix ns) at that start
 //	T->S info     (13) JSON {guest_gap_ns, guest_mode}: the guest's heartbeat
 //	either error  (14) UTF-8 message (<= MaxErrorText); the sender closes
 //	T->S round-ack (15) u32 round number: the round is applied; rounds are
@@ -201,7 +202,12 @@
 // Downtime is measured on the source's clock alone: from the pause to the
 // resumed frame's arrival (an upper bound), and less the ack's one-way
 // delay, estimated as half the commit-to-resumed round trip minus the
-// target's own commit-to-resume time. The target also reads the workload
+// target's own commit-to-resume time. Since 1.3 the target also reports
+// its wall clock at the resume: with the source's at the pause
+// (Report.StoppedUnixNS, TargetResumedUnixNS) that gives the downtime
+// exactly where both share a clock (one host, or synchronized hosts),
+// which is how bench migrate times ours, as QEMU's STOP and RESUME event
+// timestamps time QEMU's. The target also reads the workload
 // guest's heartbeat (guest.HeartbeatAddr: counter and TSC) as the source
 // left it and waits for the next update after resuming: the TSC
 // difference is the gap the guest observed (kvm-pvm guests read the

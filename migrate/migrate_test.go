@@ -261,6 +261,11 @@ func TestMigrateRoundTrip(t *testing.T) {
 				t.Fatalf("report %+v, target resumed %v, source paused %v", p.rep, p.tgt.resumed.Load(), p.src.paused.Load())
 			}
 			sameMem(t, p.src.mem, p.tgt.mem)
+			// One host, one clock: the exact downtime lies within the
+			// source's upper bound.
+			if d := float64(p.rep.TargetResumedUnixNS-p.rep.StoppedUnixNS) / 1e6; p.rep.StoppedUnixNS == 0 || d <= 0 || d > p.rep.DowntimeMS {
+				t.Errorf("wall-clock downtime %.3f ms (stopped %d, resumed %d), ack downtime %.3f ms", d, p.rep.StoppedUnixNS, p.rep.TargetResumedUnixNS, p.rep.DowntimeMS)
+			}
 			if want := max(tc.opts.Streams, 1); p.rep.Streams != want {
 				t.Errorf("%d streams, want %d", p.rep.Streams, want)
 			}

@@ -100,6 +100,14 @@ type Report struct {
 	// of (commit-to-ack round trip minus the target's commit-to-resume
 	// time, which the target measures on its own clock and reports).
 	DowntimeEstMS float64 `json:"downtime_est_ms"`
+	// StoppedUnixNS is the source's wall clock once its vCPUs were
+	// parked, TargetResumedUnixNS the target's once its vCPUs started
+	// (protocol 1.3; 0 from an older target). Between two processes of
+	// one host, or hosts with synchronized clocks, their difference is
+	// the downtime exactly, as QEMU's STOP and RESUME event timestamps
+	// give it; across hosts, DowntimeEstMS needs no common clock.
+	StoppedUnixNS       int64 `json:"stopped_unix_ns,omitempty"`
+	TargetResumedUnixNS int64 `json:"target_resumed_unix_ns,omitempty"`
 	// PausedWorkMS is the source's part of the stop phase: pause to the
 	// end frame flushed.
 	PausedWorkMS float64 `json:"paused_work_ms"`

@@ -562,6 +562,7 @@ func (s *sender) run(ctx context.Context) error {
 	s.src.Pause()
 	s.paused = true
 	stop.Paused = since()
+	s.rep.StoppedUnixNS = time.Now().UnixNano()
 	// The state is read and encoded while the last pages go: it waits on
 	// the vCPU threads (each reads its own registers), the pages on the
 	// socket.
@@ -664,6 +665,9 @@ func (s *sender) run(ctx context.Context) error {
 	var targetNanos int64
 	if len(f.payload) >= 8 {
 		targetNanos = int64(binary.LittleEndian.Uint64(f.payload))
+	}
+	if len(f.payload) >= 16 {
+		s.rep.TargetResumedUnixNS = int64(binary.LittleEndian.Uint64(f.payload[8:]))
 	}
 	oneWay := (rtt - time.Duration(targetNanos)) / 2
 	if oneWay < 0 {

@@ -455,9 +455,14 @@ func (r *receiver) finish(ctx context.Context, st *machine.MachineState) (*Incom
 		return nil, fmt.Errorf("migrate: resuming: %w", err)
 	}
 	r.resumed = true
-	var b [8]byte
-	r.info.ResumeNS = int64(time.Since(c0))
+	// The acknowledgement: commit-to-resume nanoseconds, and (1.3) the
+	// wall clock at the resume, which gives the source the exact downtime
+	// when both share a clock.
+	var b [16]byte
+	now := time.Now()
+	r.info.ResumeNS = int64(now.Sub(c0))
 	binary.LittleEndian.PutUint64(b[:], uint64(r.info.ResumeNS))
+	binary.LittleEndian.PutUint64(b[8:], uint64(now.UnixNano()))
 	// From here the machine runs here: a lost acknowledgement leaves the
 	// source in doubt (paused), never running too.
 	if r.dl != nil {
@@ -465,7 +470,7 @@ func (r *receiver) finish(ctx context.Context, st *machine.MachineState) (*Incom
 	}
 	r.fw.send(frameResumed, b[:])
 	r.fw.flush()
-	r.stats.Bytes = r.fr.off
+	r.stats.Bytes += r.fr.off // the extra streams' were added by endStreams
 	info := r.info
 	if hbOK {
 		if gap, ok := heartbeatGap(r.mem, hb0, 2*time.Second); ok {
