@@ -2,7 +2,6 @@ package migrate
 
 import (
 	"crypto/rand"
-	"encoding/binary"
 	"fmt"
 	"net"
 	"sync"
@@ -227,25 +226,14 @@ func (r *receiver) streamFailure() error {
 func (r *receiver) streamLoop(st *inStream, quit <-chan struct{}) error {
 	round := 0
 	for {
-		if done, err := r.directPages(); err != nil {
-			return err
-		} else if done {
-			continue
-		}
-		f, err := r.next()
+		f, err := r.nextOther()
 		if err != nil {
 			return err
 		}
 		switch f.typ {
-		case framePages:
-			err = r.pages(f)
-		case frameZero:
-			err = r.zero(f)
-		case frameHashRef:
-			err = r.hashRef(f)
 		case frameRound:
-			if len(f.payload) != 16 || binary.LittleEndian.Uint32(f.payload) != uint32(round) {
-				return &ProtocolError{f.off, fmt.Sprintf("round frame out of sequence on an extra stream (want round %d)", round)}
+			if err := checkRound(f, round, " on an extra stream"); err != nil {
+				return err
 			}
 			select {
 			case st.at <- round:
@@ -262,9 +250,6 @@ func (r *receiver) streamLoop(st *inStream, quit <-chan struct{}) error {
 			return nil
 		default:
 			return &ProtocolError{f.off, "unexpected " + frameName(f.typ) + " frame on an extra stream"}
-		}
-		if err != nil {
-			return err
 		}
 	}
 }

@@ -327,27 +327,16 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 	var st *machine.MachineState
 	round := 0
 	for {
-		if done, err := r.directPages(); err != nil {
-			return nil, err
-		} else if done {
-			continue
-		}
-		f, err := r.next()
+		f, err := r.nextOther()
 		if err != nil {
 			return nil, err
 		}
 		switch f.typ {
-		case framePages:
-			err = r.pages(f)
-		case frameZero:
-			err = r.zero(f)
-		case frameHashRef:
-			err = r.hashRef(f)
 		case frameDiskBlock:
 			err = r.diskBlock(f)
 		case frameRound:
-			if len(f.payload) != 16 || binary.LittleEndian.Uint32(f.payload) != uint32(round) {
-				return nil, &ProtocolError{f.off, fmt.Sprintf("round frame out of sequence (want round %d)", round)}
+			if err := checkRound(f, round, ""); err != nil {
+				return nil, err
 			}
 			// Every stream's part of the round is applied first.
 			if err := r.roundBarrier(round); err != nil {
@@ -413,6 +402,44 @@ func (r *receiver) run(ctx context.Context) (*Incoming, error) {
 			return nil, err
 		}
 	}
+}
+
+// nextOther applies the page frames (pages, zero, hashref) as they come
+// and returns the first frame of another type.
+func (r *receiver) nextOther() (frame, error) {
+	for {
+		if done, err := r.directPages(); err != nil {
+			return frame{}, err
+		} else if done {
+			continue
+		}
+		f, err := r.next()
+		if err != nil {
+			return f, err
+		}
+		switch f.typ {
+		case framePages:
+			err = r.pages(f)
+		case frameZero:
+			err = r.zero(f)
+		case frameHashRef:
+			err = r.hashRef(f)
+		default:
+			return f, nil
+		}
+		if err != nil {
+			return f, err
+		}
+	}
+}
+
+// checkRound checks that the round frame f ends round (where says on
+// which stream, when not the first).
+func checkRound(f frame, round int, where string) error {
+	if len(f.payload) != 16 || binary.LittleEndian.Uint32(f.payload) != uint32(round) {
+		return &ProtocolError{f.off, fmt.Sprintf("round frame out of sequence%s (want round %d)", where, round)}
+	}
+	return nil
 }
 
 // finish restores the state, reports ready, and resumes on commit.
