@@ -126,8 +126,15 @@ wait:
 	if rep.GuestGapMS != nil {
 		gap = fmt.Sprintf("%.2f ms", *rep.GuestGapMS)
 	}
-	fmt.Fprintf(os.Stderr, "collective migrate: migrated to %s in %.1f ms, downtime %.2f ms (guest saw %s), %d rounds, %.1f MB on the wire\n",
-		*to, rep.TotalMS, rep.DowntimeMS, gap, rep.Rounds, float64(rep.BytesWire)/1e6)
+	extra := ""
+	if rep.Streams > 1 {
+		extra += fmt.Sprintf(" over %d streams", rep.Streams)
+	}
+	if rep.ThrottlePct > 0 {
+		extra += fmt.Sprintf(", vCPUs throttled up to %d%%", rep.ThrottlePct)
+	}
+	fmt.Fprintf(os.Stderr, "collective migrate: migrated to %s in %.1f ms, downtime %.2f ms (guest saw %s), %d rounds, %.1f MB on the wire%s\n",
+		*to, rep.TotalMS, rep.DowntimeMS, gap, rep.Rounds, float64(rep.BytesWire)/1e6, extra)
 	return 0
 }
 
