@@ -226,7 +226,10 @@ func Send(ctx context.Context, src Source, conn net.Conn, rep *Report, opts Opti
 	}
 	// Cancellation (or any return) closes the connection, which unblocks
 	// every read and write.
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	stop := context.AfterFunc(ctx, func() {
+		conn.Close()
+		s.cutStreams()
+	})
 	err := s.run(ctx)
 	stop()
 	conn.Close()
@@ -314,6 +317,11 @@ type sender struct {
 	streams     []*outStream
 	streamWG    sync.WaitGroup
 	streamBytes atomic.Int64
+	// streamMu guards conns (every extra stream's connection, for a
+	// cancel to close) and cut (a cancel came).
+	streamMu sync.Mutex
+	conns    []net.Conn
+	cut      bool
 
 	// Auto-converge: the source's throttle, the one set (percent), and
 	// the rounds in a row that dirtied faster than they sent.

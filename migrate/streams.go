@@ -50,6 +50,13 @@ func (s *sender) openStreams(n int, token [hashSize]byte) error {
 		})
 	}
 	wg.Wait()
+	s.streamMu.Lock()
+	s.conns = append(s.conns, conns[1:]...)
+	cut := s.cut
+	s.streamMu.Unlock()
+	if cut {
+		s.cutStreams()
+	}
 	for i := 1; i < n; i++ {
 		if errs[i] != nil {
 			for _, c := range conns {
@@ -125,6 +132,20 @@ func (s *sender) endStreams(marker byte, rb [16]byte) error {
 		}
 	}
 	return first
+}
+
+// cutStreams closes every extra stream's connection (a cancel): a writer
+// blocked on a target that stopped reading returns, and so does the round
+// dealing to it.
+func (s *sender) cutStreams() {
+	s.streamMu.Lock()
+	defer s.streamMu.Unlock()
+	s.cut = true
+	for _, c := range s.conns {
+		if c != nil {
+			c.Close()
+		}
+	}
 }
 
 // closeStreams closes the extra streams and waits for their writers.
