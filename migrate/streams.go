@@ -206,13 +206,14 @@ func (r *receiver) acceptStreams(n uint32, token [hashSize]byte) error {
 
 // startStreams starts every extra stream's loop over the built machine.
 func (r *receiver) startStreams() {
-	r.quit = make(chan struct{})
+	quit := make(chan struct{})
+	r.quit = quit // stopStreams clears the field: the loops keep their copy
 	for i, st := range r.streams {
 		st.r.t, st.r.mem = r.t, r.mem
 		r.streamWG.Add(1)
 		go func() {
 			defer r.streamWG.Done()
-			err := st.r.streamLoop(st, r.quit)
+			err := st.r.streamLoop(st, quit)
 			if err != nil && err != errStreamQuit {
 				r.streamFailed(fmt.Errorf("migrate: stream %d: %w", i+2, err))
 			}
