@@ -180,3 +180,178 @@ func FuzzMigrationStream(f *testing.F) {
 		}
 	})
 }
+
+// readRecorder records what is read from a connection.
+type readRecorder struct {
+	net.Conn
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (r *readRecorder) Read(p []byte) (int, error) {
+	n, err := r.Conn.Read(p)
+	r.mu.Lock()
+	r.buf.Write(p[:n])
+	r.mu.Unlock()
+	return n, err
+}
+
+func (r *readRecorder) bytes() []byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return bytes.Clone(r.buf.Bytes())
+}
+
+// fuzzToken replaces the random stream token of recorded streams, so that
+// a saved input matches the first stream recorded in another run.
+var fuzzToken = [16]byte{'c', 'o', 'l', 'l', 'e', 'c', 't', 'i', 'v', 'e', ' ', 'f', 'u', 'z', 'z', '!'}
+
+// setToken replaces every occurrence of old in b by fuzzToken (the hello's
+// and the stream frame's copies) and fixes the frames' CRCs.
+func setToken(b []byte, old []byte) []byte {
+	b = bytes.ReplaceAll(b, old, fuzzToken[:])
+	fixCRCs(b)
+	return b
+}
+
+// streamSeeds records real two-stream migrations between fake machines
+// over loopback TCP (plain pages, lz4 pages), as the target read them:
+// each one's first connection and its extra one, with the token made
+// fuzzToken.
+func streamSeeds(f testing.TB) (firsts, extras [][]byte) {
+	for _, compress := range []string{"never", "always"} {
+		mem, err := guestmem.NewFake(boot.RAMLayout(migMem)...)
+		if err != nil {
+			f.Fatal(err)
+		}
+		for i := 0; i < 40; i++ {
+			mem.WriteAt(bytes.Repeat([]byte{byte(i + 1), byte(i * 7)}, 700+i*100), uint64(i)*0x41000+0x100000)
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			f.Fatal(err)
+		}
+		var main, extra *readRecorder
+		done := make(chan error, 1)
+		go func() {
+			c, err := l.Accept()
+			if err != nil {
+				done <- err
+				return
+			}
+			main = &readRecorder{Conn: c}
+			_, err = migrate.Receive(context.Background(), main, migrate.ReceiveOptions{Build: migBuild(nil), Accept: func() (net.Conn, error) {
+				c, err := l.Accept()
+				if err != nil {
+					return nil, err
+				}
+				extra = &readRecorder{Conn: c}
+				return extra, nil
+			}})
+			c.Close()
+			done <- err
+		}()
+		rep, err := migrate.Migrate(context.Background(), &migSource{mem: mem}, l.Addr().String(), migrate.Options{Compress: compress, Streams: 2, ReplyTimeout: 5 * time.Second})
+		if err != nil {
+			f.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			f.Fatal(err)
+		}
+		l.Close()
+		if rep.Streams != 2 || extra == nil {
+			f.Fatalf("the seed migration ran on %d streams", rep.Streams)
+		}
+		x := extra.bytes()
+		// The stream frame: header, then the token.
+		if len(x) < 8+16 {
+			f.Fatalf("extra stream of %d bytes", len(x))
+		}
+		token := bytes.Clone(x[8 : 8+16])
+		firsts = append(firsts, setToken(main.bytes(), token))
+		extras = append(extras, setToken(x, token))
+	}
+	return firsts, extras
+}
+
+// fuzzConn is a net.Conn that reads a fixed stream and discards what is
+// written.
+type fuzzConn struct{ io.Reader }
+
+func (fuzzConn) Write(p []byte) (int, error)      { return len(p), nil }
+func (fuzzConn) Close() error                     { return nil }
+func (fuzzConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
+func (fuzzConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }
+func (fuzzConn) SetDeadline(time.Time) error      { return nil }
+func (fuzzConn) SetReadDeadline(time.Time) error  { return nil }
+func (fuzzConn) SetWriteDeadline(time.Time) error { return nil }
+
+// FuzzMigrationExtraStream feeds arbitrary bytes to a migration target as
+// the extra stream of a recorded two-stream migration (protocol 1.3),
+// whose first stream is replayed as it was (byte 0: bit 0 fixes the frame
+// CRCs up first, bit 1 picks the recorded migration). Invariants: no panic and no hang (a stream
+// that ends, stalls at a round or runs past the end fails the target);
+// an error leaves no machine running and the built one closed; a success
+// ran only a restored machine.
+func FuzzMigrationExtraStream(f *testing.F) {
+	firsts, extras := streamSeeds(f)
+	for i, x := range extras {
+		f.Add(append([]byte{byte(i << 1)}, x...))
+		f.Add(append([]byte{byte(i<<1 | 1)}, x...))
+	}
+	f.Add([]byte{1})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if len(data) == 0 {
+			return
+		}
+		first := firsts[int(data[0]>>1)%len(firsts)]
+		extra := append([]byte(nil), data[1:]...)
+		if data[0]&1 == 1 {
+			fixCRCs(extra)
+		}
+		var tgt *migTarget
+		accepted := false
+		accept := func() (net.Conn, error) {
+			if accepted {
+				return nil, errors.New("fuzz: one extra stream only")
+			}
+			accepted = true
+			return fuzzConn{bytes.NewReader(extra)}, nil
+		}
+		in, err := migrate.Receive(context.Background(), streamConn{bytes.NewReader(first)}, migrate.ReceiveOptions{Build: migBuild(&tgt), Accept: accept})
+		if err != nil {
+			if in != nil {
+				t.Fatal("error with a result")
+			}
+			if tgt != nil && (tgt.resumed || !tgt.closed) {
+				t.Fatalf("failed migration: target resumed %v closed %v", tgt.resumed, tgt.closed)
+			}
+			return
+		}
+		if tgt == nil || !tgt.restored || !tgt.resumed {
+			t.Fatalf("success without a restored, resumed machine")
+		}
+	})
+}
+
+// TestExtraStreamSeedReplays checks that FuzzMigrationExtraStream's seeds
+// are whole migrations: replayed, each restores and resumes the target,
+// so that the fuzzer starts from inputs that reach every step.
+func TestExtraStreamSeedReplays(t *testing.T) {
+	firsts, extras := streamSeeds(t)
+	for i, x := range extras {
+		first := firsts[i]
+		var tgt *migTarget
+		accepted := false
+		_, err := migrate.Receive(context.Background(), streamConn{bytes.NewReader(first)}, migrate.ReceiveOptions{Build: migBuild(&tgt), Accept: func() (net.Conn, error) {
+			if accepted {
+				return nil, errors.New("one extra stream only")
+			}
+			accepted = true
+			return fuzzConn{bytes.NewReader(x)}, nil
+		}})
+		if err != nil || tgt == nil || !tgt.resumed {
+			t.Errorf("seed %d: %v", i, err)
+		}
+	}
+}

@@ -308,8 +308,15 @@ func (r *receiver) releaseStreams() {
 // figures to the receiver's.
 func (r *receiver) endStreams() error {
 	for i, st := range r.streams {
-		if err := <-st.err; err != nil {
-			return fmt.Errorf("migrate: stream %d: %w", i+2, err)
+		select {
+		case err := <-st.err:
+			if err != nil {
+				return fmt.Errorf("migrate: stream %d: %w", i+2, err)
+			}
+		case got := <-st.at:
+			// A round the first stream never ended: the loop waits at
+			// it until stopStreams.
+			return fmt.Errorf("migrate: stream %d: round %d after the end of the migration", i+2, got)
 		}
 		r.stats.Pages += st.r.stats.Pages
 		r.stats.ZeroPages += st.r.stats.ZeroPages
