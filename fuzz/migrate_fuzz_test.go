@@ -355,3 +355,45 @@ func TestExtraStreamSeedReplays(t *testing.T) {
 		}
 	}
 }
+
+// TestExtraStreamRoundAfterEnd: an extra stream that ends one more round
+// than the first stream does (a hostile source) fails the target instead
+// of leaving it waiting at that round forever.
+func TestExtraStreamRoundAfterEnd(t *testing.T) {
+	firsts, extras := streamSeeds(t)
+	x := extras[0]
+	// Count its round frames; its last frame is the end frame (12 bytes).
+	rounds := 0
+	for off := 0; off+8 <= len(x); {
+		n := int(binary.LittleEndian.Uint32(x[off+4:]))
+		if x[off] == 7 {
+			rounds++
+		}
+		off += 8 + n + 4
+	}
+	if len(x) < 12 || x[len(x)-12] != 9 {
+		t.Fatalf("the extra stream does not end with an end frame")
+	}
+	round := make([]byte, 8+16+4)
+	round[0], round[4] = 7, 16
+	binary.LittleEndian.PutUint32(round[8:], uint32(rounds))
+	bad := append(append(bytes.Clone(x[:len(x)-12]), round...), x[len(x)-12:]...)
+	fixCRCs(bad)
+	done := make(chan error, 1)
+	var tgt *migTarget
+	go func() {
+		_, err := migrate.Receive(context.Background(), streamConn{bytes.NewReader(firsts[0])}, migrate.ReceiveOptions{Build: migBuild(&tgt), Accept: func() (net.Conn, error) {
+			return fuzzConn{bytes.NewReader(bad)}, nil
+		}})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil || tgt.resumed || !tgt.closed {
+			t.Fatalf("Receive = %v, target resumed %v closed %v", err, tgt.resumed, tgt.closed)
+		}
+		t.Log(err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the target hangs on a round after the end")
+	}
+}
