@@ -53,7 +53,9 @@ type ReceiveOptions struct {
 	Progress func(round int, bytes int64)
 	// Accept, when set, takes the source's extra connections for
 	// parallel streams (protocol 1.3) from the listener the first came
-	// from; without it the target takes one stream only.
+	// from; without it the target takes one stream only. It should fail
+	// after a timeout (collective run --incoming: 10 s): a source that
+	// asks for streams and never opens them would hold it otherwise.
 	Accept func() (net.Conn, error)
 }
 
