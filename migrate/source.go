@@ -1267,7 +1267,9 @@ func (s *sender) decideCompression(round int) {
 	cspeed := float64(in) / (float64(nanos) / 1e9) * float64(max(1, s.encoders))
 	link := s.opts.Bandwidth
 	if link == 0 && s.busyNanos > 0 && s.busyBytes >= 4<<20 {
-		link = float64(s.busyBytes) / (float64(s.busyNanos) / 1e9)
+		// Measured on the first connection's writes; with parallel
+		// streams it carries a share of the link, as each of the others.
+		link = float64(s.busyBytes) / (float64(s.busyNanos) / 1e9) * float64(1+len(s.streams))
 	}
 	if link == 0 {
 		return
