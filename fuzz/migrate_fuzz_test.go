@@ -146,6 +146,25 @@ type streamConn struct {
 
 func (streamConn) Write(p []byte) (int, error) { return len(p), nil }
 
+// checkReceived checks Receive's invariants: an error leaves no machine
+// running and the built one closed; a success ran only a restored
+// machine.
+func checkReceived(t *testing.T, in *migrate.Incoming, err error, tgt *migTarget) {
+	t.Helper()
+	if err != nil {
+		if in != nil {
+			t.Fatal("error with a result")
+		}
+		if tgt != nil && (tgt.resumed || !tgt.closed) {
+			t.Fatalf("failed migration: target resumed %v closed %v", tgt.resumed, tgt.closed)
+		}
+		return
+	}
+	if tgt == nil || !tgt.restored || !tgt.resumed {
+		t.Fatalf("success without a restored, resumed machine")
+	}
+}
+
 // FuzzMigrationStream feeds arbitrary bytes to a migration target as the
 // incoming stream (byte 0 selects whether frame CRCs are fixed up first).
 // Invariants: no panic; an error leaves no machine running and the built
@@ -166,18 +185,7 @@ func FuzzMigrationStream(f *testing.F) {
 		}
 		var tgt *migTarget
 		in, err := migrate.Receive(context.Background(), streamConn{bytes.NewReader(stream)}, migrate.ReceiveOptions{Build: migBuild(&tgt)})
-		if err != nil {
-			if in != nil {
-				t.Fatal("error with a result")
-			}
-			if tgt != nil && (tgt.resumed || !tgt.closed) {
-				t.Fatalf("failed migration: target resumed %v closed %v", tgt.resumed, tgt.closed)
-			}
-			return
-		}
-		if tgt == nil || !tgt.restored || !tgt.resumed {
-			t.Fatalf("success without a restored, resumed machine")
-		}
+		checkReceived(t, in, err, tgt)
 	})
 }
 
@@ -319,18 +327,7 @@ func FuzzMigrationExtraStream(f *testing.F) {
 			return fuzzConn{bytes.NewReader(extra)}, nil
 		}
 		in, err := migrate.Receive(context.Background(), streamConn{bytes.NewReader(first)}, migrate.ReceiveOptions{Build: migBuild(&tgt), Accept: accept})
-		if err != nil {
-			if in != nil {
-				t.Fatal("error with a result")
-			}
-			if tgt != nil && (tgt.resumed || !tgt.closed) {
-				t.Fatalf("failed migration: target resumed %v closed %v", tgt.resumed, tgt.closed)
-			}
-			return
-		}
-		if tgt == nil || !tgt.restored || !tgt.resumed {
-			t.Fatalf("success without a restored, resumed machine")
-		}
+		checkReceived(t, in, err, tgt)
 	})
 }
 
