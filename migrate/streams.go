@@ -21,7 +21,6 @@ import (
 
 // outStream is one extra stream of the source.
 type outStream struct {
-	conn net.Conn
 	fw   *frameWriter
 	ch   chan streamItem
 	done chan error // one answer per round or end item
@@ -58,12 +57,7 @@ func (s *sender) openStreams(n int, token [hashSize]byte) error {
 		s.cutStreams()
 	}
 	for i := 1; i < n; i++ {
-		if errs[i] != nil {
-			for _, c := range conns {
-				if c != nil {
-					c.Close()
-				}
-			}
+		if errs[i] != nil { // the others are closed with s.conns
 			return fmt.Errorf("migrate: opening stream %d of %d to %s: %w", i+1, n, addr, errs[i])
 		}
 	}
@@ -73,8 +67,8 @@ func (s *sender) openStreams(n int, token [hashSize]byte) error {
 			tc.SetNoDelay(true)
 			tc.SetWriteBuffer(4 << 20)
 		}
-		o := &outStream{conn: c, fw: newFrameWriter(c, s.opts.Bandwidth/float64(n)), ch: make(chan streamItem, 8), done: make(chan error, 1)}
-		s.streams = append(s.streams, o) // closed by closeStreams from here
+		o := &outStream{fw: newFrameWriter(c, s.opts.Bandwidth/float64(n)), ch: make(chan streamItem, 8), done: make(chan error, 1)}
+		s.streams = append(s.streams, o) // its connection is in s.conns
 	}
 	for i, o := range s.streams {
 		// Its writer starts once the stream frame is out.
@@ -150,8 +144,8 @@ func (s *sender) cutStreams() {
 
 // closeStreams closes the extra streams and waits for their writers.
 func (s *sender) closeStreams() {
+	s.cutStreams()
 	for _, o := range s.streams {
-		o.conn.Close()
 		close(o.ch)
 	}
 	s.streamWG.Wait()
@@ -237,8 +231,12 @@ func (r *receiver) streamFailed(err error) {
 	}
 }
 
-// streamFailure returns an extra stream's failure, if one failed.
+// streamFailure returns an extra stream's failure, if one failed. It is
+// called per frame: without extra streams it costs no lock.
 func (r *receiver) streamFailure() error {
+	if len(r.streams) == 0 {
+		return nil
+	}
 	r.streamMu.Lock()
 	defer r.streamMu.Unlock()
 	return r.streamErr
@@ -289,7 +287,7 @@ func (r *receiver) roundBarrier(round int) error {
 			}
 		case err := <-st.err:
 			if err == nil {
-				err = fmt.Errorf("migrate: stream %d ended before round %d", i+2, round)
+				return fmt.Errorf("migrate: stream %d ended before round %d", i+2, round)
 			}
 			return fmt.Errorf("migrate: stream %d: %w", i+2, err)
 		}
