@@ -73,32 +73,11 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 			if only != "" && !strings.Contains(name, only) {
 				continue
 			}
-			var ours, q []migResult
-			runOurs := func() error {
-				r, err := retry("collective", func() (migResult, error) { return migrateOurs(self, elf, load.cmdline, mem, nil, nil, 0) })
-				if err != nil {
-					return fmt.Errorf("collective %d MiB %s: %w", mem, load.name, err)
-				}
-				r.Mem, r.Load = mem, load.name
-				ours = append(ours, r)
-				return nil
-			}
-			runQEMU := func() error {
-				qr, err := retry("qemu", func() (migResult, error) { return migrateQEMU(elf, load.cmdline, mem, nil, 0) })
-				if err != nil {
-					return fmt.Errorf("qemu %d MiB %s: %w", mem, load.name, err)
-				}
-				qr.Mem, qr.Load = mem, load.name
-				q = append(q, qr)
-				return nil
-			}
-			for i := 0; i < n; i++ {
-				// The VMMs take turns going first: a run can inherit
-				// the host's state (page reclaim, writeback) of the
-				// run before it.
-				if err := inTurn(i, runOurs, runQEMU); err != nil {
-					return err
-				}
+			ours, q, err := runBoth(n, name, mem, load.name,
+				func() (migResult, error) { return migrateOurs(self, elf, load.cmdline, mem, nil, nil, 0) },
+				func() (migResult, error) { return migrateQEMU(elf, load.cmdline, mem, nil, 0) })
+			if err != nil {
+				return err
 			}
 			rawRows(name, ours, q)
 			o, qm := medianResult(ours), medianResult(q)
@@ -143,28 +122,11 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 			continue
 		}
 		cmdline := "dirty 64M 100 0"
-		var ours, q []migResult
-		for i := 0; i < n; i++ {
-			err := inTurn(i, func() error {
-				r, err := retry("collective", func() (migResult, error) { return migrateOurs(self, elf, cmdline, mem, nil, nil, streams) })
-				if err != nil {
-					return fmt.Errorf("collective %s: %w", name, err)
-				}
-				r.Mem, r.Load = mem, fmt.Sprintf("100MB/s, %d streams", streams)
-				ours = append(ours, r)
-				return nil
-			}, func() error {
-				r, err := retry("qemu", func() (migResult, error) { return migrateQEMU(elf, cmdline, mem, nil, streams) })
-				if err != nil {
-					return fmt.Errorf("qemu %s: %w", name, err)
-				}
-				r.Mem, r.Load = mem, fmt.Sprintf("100MB/s, %d streams", streams)
-				q = append(q, r)
-				return nil
-			})
-			if err != nil {
-				return err
-			}
+		ours, q, err := runBoth(n, name, mem, fmt.Sprintf("100MB/s, %d streams", streams),
+			func() (migResult, error) { return migrateOurs(self, elf, cmdline, mem, nil, nil, streams) },
+			func() (migResult, error) { return migrateQEMU(elf, cmdline, mem, nil, streams) })
+		if err != nil {
+			return err
 		}
 		rawRows(name, ours, q)
 		o, qm := medianResult(ours), medianResult(q)
@@ -208,6 +170,30 @@ func benchMigrate(_ []peer, elf string, runs, _ int) error {
 	}
 	fmt.Printf("wrote %s/migrate.{json,csv,svg} and migrate-runs.csv (every run)\n", out)
 	return nil
+}
+
+// runBoth runs n migrations with each VMM (each through retry), the two
+// taking turns going first: a run can inherit the host's state (page
+// reclaim, writeback) of the run before it. Each result is labelled with
+// mem and load.
+func runBoth(n int, name string, mem int, load string, ours, qemu func() (migResult, error)) (o, q []migResult, err error) {
+	run := func(vmm string, f func() (migResult, error), out *[]migResult) func() error {
+		return func() error {
+			r, err := retry(vmm, f)
+			if err != nil {
+				return fmt.Errorf("%s %s: %w", vmm, name, err)
+			}
+			r.Mem, r.Load = mem, load
+			*out = append(*out, r)
+			return nil
+		}
+	}
+	for i := 0; i < n; i++ {
+		if err := inTurn(i, run("collective", ours, &o), run("qemu", qemu, &q)); err != nil {
+			return nil, nil, err
+		}
+	}
+	return o, q, nil
 }
 
 // freshPayload is the size of the fresh appliance's image in RAM.
@@ -316,8 +302,10 @@ type migResult struct {
 	TotalMS float64 `json:"total_ms"`
 	// DowntimeMS runs from the source's vCPUs stopped to the target's
 	// started: QEMU's own figure (query-migrate, to the last byte sent);
-	// ours on the definition of PauseToRunMS (stop.paused to the
-	// resumed acknowledgement less its one-way delay).
+	// ours on the definition of PauseToRunMS, from the two processes'
+	// wall-clock timestamps (report: stopped_unix_ns to
+	// target_resumed_unix_ns), or without them the resumed
+	// acknowledgement less its estimated one-way delay.
 	DowntimeMS float64 `json:"downtime_ms"`
 	// AckDowntimeMS is ours from the pause request to the resumed
 	// acknowledgement's arrival: the pause's own cost and the ack's trip
