@@ -15,9 +15,11 @@
 //
 // # Lock order
 //
-//	VM.mu (pause/resume, vCPU list)
-//	  VCPU requests are served on the vCPU's own thread; never call VCPU.Do
-//	  from that thread.
+//	VM.throttle.mu (SetThrottle), before VM.mu (pause/resume, vCPU list)
+//	  VCPU.busy: held by the vCPU's thread in Run (outside park) and
+//	  around each request it serves, or by a caller around a state ioctl
+//	  run on its own thread; never call VCPU.Do or a state method from
+//	  the vCPU's thread (an ExitHandler, a Do function).
 //
 // Only this package (and its sub-packages that need it) imports
 // golang.org/x/sys/unix for KVM; the device models never see a VM.

@@ -189,7 +189,7 @@ func (s *VCPUState) Validate() error {
 func (v *VCPU) State(msrIndices []uint32) (*VCPUState, error) {
 	st := &VCPUState{ID: v.id}
 	sys := v.vm.sys
-	err := v.Do(func() error {
+	err := v.call(func() error {
 		get := func(name string, req uintptr, p unsafe.Pointer) error {
 			if err := ioctlPtr(v.fd, req, p); err != nil {
 				return fmt.Errorf("kvm: vCPU %d: %s: %w", v.id, name, err)
@@ -265,8 +265,8 @@ func (v *VCPU) State(msrIndices []uint32) (*VCPUState, error) {
 	return st, nil
 }
 
-// readMSRs reads every MSR of indices that KVM lets it read, on the vCPU
-// thread. KVM_GET_MSRS stops at the first MSR it cannot read; that one is
+// readMSRs reads every MSR of indices that KVM lets it read (inside call).
+// KVM_GET_MSRS stops at the first MSR it cannot read; that one is
 // skipped and the rest read again.
 func (v *VCPU) readMSRs(indices []uint32) ([]MSR, error) {
 	var out []MSR
@@ -291,7 +291,7 @@ func (v *VCPU) readMSRs(indices []uint32) ([]MSR, error) {
 	return out, nil
 }
 
-// writeMSRs writes msrs on the vCPU thread; every one must be accepted.
+// writeMSRs writes msrs (inside call); every one must be accepted.
 func (v *VCPU) writeMSRs(msrs []MSR) error {
 	if len(msrs) == 0 {
 		return nil
@@ -349,7 +349,7 @@ func (v *VCPU) SetState(st *VCPUState) error {
 			msrs = append(msrs, m)
 		}
 	}
-	return v.Do(func() error {
+	return v.call(func() error {
 		set := func(name string, req uintptr, p unsafe.Pointer) error {
 			if err := ioctlPtr(v.fd, req, p); err != nil {
 				return fmt.Errorf("kvm: vCPU %d: %s: %w", v.id, name, err)

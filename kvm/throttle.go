@@ -16,9 +16,10 @@ const MaxThrottle = 99
 
 // throttler takes a VM's vCPUs off their CPUs for a share of the time.
 type throttler struct {
-	mu   sync.Mutex // guards pct, stop
+	mu   sync.Mutex // guards pct, stop, done
 	pct  int
 	stop chan struct{} // closed to end the ticking goroutine; nil when off
+	done chan struct{} // closed by the ticking goroutine when it ends
 }
 
 // SetThrottle makes every vCPU sleep pct percent of the time (0 turns
@@ -26,26 +27,32 @@ type throttler struct {
 // auto-converge slows a guest that dirties memory faster than the link
 // carries it. A throttled vCPU's sleep ends early when the VM is paused,
 // stopped or unthrottled, so a pause is never delayed by it.
+//
+// Turning it off returns once the ticking goroutine has ended: no kick
+// reaches a vCPU after it (Close turns it off before it closes the vCPUs).
 func (vm *VM) SetThrottle(pct int) {
 	pct = min(max(pct, 0), MaxThrottle)
 	t := &vm.throttle
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	t.pct = pct
-	if pct == 0 {
-		if t.stop != nil {
-			close(t.stop)
-			t.stop = nil
+	if pct > 0 {
+		if t.stop == nil {
+			t.stop, t.done = make(chan struct{}), make(chan struct{})
+			go vm.tick(t.stop, t.done)
 		}
-		for _, v := range vm.VCPUs() {
-			v.sleepNS.Store(0)
-			v.wakeUp()
-		}
+		t.mu.Unlock()
 		return
 	}
-	if t.stop == nil {
-		t.stop = make(chan struct{})
-		go vm.tick(t.stop)
+	stop, done := t.stop, t.done
+	t.stop, t.done = nil, nil
+	t.mu.Unlock()
+	if stop != nil {
+		close(stop)
+		<-done // the goroutine takes t.mu: waited for without it
+	}
+	for _, v := range vm.VCPUs() {
+		v.sleepNS.Store(0)
+		v.wakeUp()
 	}
 }
 
@@ -58,7 +65,8 @@ func (vm *VM) Throttle() int {
 
 // tick asks every vCPU to sleep once per period (a slice of running plus
 // the sleep) until stop is closed.
-func (vm *VM) tick(stop chan struct{}) {
+func (vm *VM) tick(stop, done chan struct{}) {
+	defer close(done)
 	tm := time.NewTimer(ThrottleSlice)
 	defer tm.Stop()
 	for {

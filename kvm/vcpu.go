@@ -40,8 +40,13 @@ var (
 	ErrGuestCrash = errors.New("kvm: guest crashed")
 )
 
-// VCPU is one virtual CPU. All its ioctls run on one locked OS thread,
-// which creates it and runs it; other goroutines reach it through Do.
+// VCPU is one virtual CPU. One locked OS thread creates it and runs it;
+// other goroutines reach it through Do. Its state ioctls (registers, MSRs,
+// CPUID, the whole state) run on the caller's thread instead while the
+// vCPU cannot enter KVM_RUN (parked, or outside Run): the stop phase of a
+// migration then waits on no thread wakeup, which costs 50-100 µs here
+// (api.rst allows a vCPU ioctl from another thread, at the cost of
+// loading the vCPU on that CPU).
 type VCPU struct {
 	vm  *VM
 	id  int
@@ -57,8 +62,14 @@ type VCPU struct {
 	sleepNS atomic.Int64
 	wake    chan struct{}
 	reqs    chan request
-	quit    chan struct{} // closed to end the thread
-	done    chan struct{} // closed when the thread exits
+	// busy is held while the vCPU may enter KVM_RUN (in Run, outside
+	// park) and while any request or state ioctl runs: requests and state
+	// ioctls never overlap each other or KVM_RUN (call).
+	busy sync.Mutex
+	// closed: the fd is closed (set under busy, by close).
+	closed bool
+	quit   chan struct{} // closed to end the thread
+	done   chan struct{} // closed when the thread exits
 
 	closeOnce sync.Once
 	exits     [32]atomic.Uint64 // exits by reason, for benchmarks and reports
@@ -114,7 +125,11 @@ func (v *VCPU) thread(created chan<- error) {
 	for {
 		select {
 		case r := <-v.reqs:
-			r.err <- r.f()
+			// Run's loop too: park lets go of busy while parked.
+			v.busy.Lock()
+			err := r.f()
+			v.busy.Unlock()
+			r.err <- err
 		case <-v.quit:
 			return
 		}
@@ -128,6 +143,24 @@ func (v *VCPU) ID() int { return v.id }
 // inside Run, f runs only once the vCPU is parked by VM.Pause. Never call
 // Do from f or from an ExitHandler.
 func (v *VCPU) Do(f func() error) error {
+	return v.request(f)
+}
+
+// call runs f, a state ioctl, on the calling thread when the vCPU can
+// neither enter KVM_RUN nor run another request meanwhile; else on the
+// vCPU's thread, as Do.
+func (v *VCPU) call(f func() error) error {
+	if v.busy.TryLock() {
+		defer v.busy.Unlock()
+		if v.closed {
+			return fmt.Errorf("kvm: vCPU %d is closed", v.id)
+		}
+		return f()
+	}
+	return v.request(f)
+}
+
+func (v *VCPU) request(f func() error) error {
 	r := request{f, make(chan error, 1)}
 	select {
 	case v.reqs <- r:
@@ -189,12 +222,18 @@ func (v *VCPU) loop(h ExitHandler) error {
 	}
 }
 
-// park serves requests until Resume or Stop.
+// park serves requests until Resume or Stop. It holds busy only while it
+// serves one: meanwhile state ioctls may run on their callers' threads.
 func (v *VCPU) park() error {
+	v.busy.Unlock()
+	defer v.busy.Lock()
 	for {
 		select {
 		case r := <-v.reqs:
-			r.err <- r.f()
+			v.busy.Lock()
+			err := r.f()
+			v.busy.Unlock()
+			r.err <- err
 		case <-v.resume:
 			return nil
 		}
@@ -316,7 +355,7 @@ func FormatRegs(r *Regs, s *Sregs) string {
 
 // get and set run a vCPU ioctl on the vCPU's thread.
 func (v *VCPU) ioctl(name string, req uintptr, p unsafe.Pointer) error {
-	return v.Do(func() error {
+	return v.call(func() error {
 		if err := ioctlPtr(v.fd, req, p); err != nil {
 			return fmt.Errorf("kvm: vCPU %d: %s: %w", v.id, name, err)
 		}
@@ -392,7 +431,7 @@ func (v *VCPU) MSRs(indices []uint32) ([]MSR, error) {
 		ents[i].Index = idx
 	}
 	var n uintptr
-	err := v.Do(func() error {
+	err := v.call(func() error {
 		var err error
 		n, err = ioctl(v.fd, kvmGetMSRs, uintptr(unsafe.Pointer(&buf[0])))
 		runtime.KeepAlive(buf)
@@ -413,7 +452,7 @@ func (v *VCPU) SetMSRs(msrs []MSR) error {
 	*(*uint32)(unsafe.Pointer(&buf[0])) = uint32(len(msrs))
 	copy(unsafe.Slice((*MSR)(unsafe.Pointer(&buf[8])), len(msrs)), msrs)
 	var n uintptr
-	err := v.Do(func() error {
+	err := v.call(func() error {
 		var err error
 		n, err = ioctl(v.fd, kvmSetMSRs, uintptr(unsafe.Pointer(&buf[0])))
 		runtime.KeepAlive(buf)
@@ -442,7 +481,7 @@ func (v *VCPU) TSCKHz() (uint32, error) {
 		return 0, &CapError{CapGetTSCKHz}
 	}
 	var khz uintptr
-	err := v.Do(func() error {
+	err := v.call(func() error {
 		var err error
 		khz, err = ioctl(v.fd, kvmGetTSCKHz, 0)
 		return err
@@ -460,6 +499,7 @@ func (v *VCPU) close() error {
 			e1 := unix.Munmap(v.mem)
 			e2 := unix.Close(v.fd)
 			v.run = nil
+			v.closed = true
 			return errors.Join(e1, e2)
 		})
 		close(v.quit)
