@@ -10,10 +10,10 @@
 // round sends the pages the logs recorded during the previous one (the
 // logs are taken before the pages are read, so a write that races the copy
 // is in the next round). After each round the source estimates the stop
-// phase as dirty bytes / measured rate + a fixed overhead (1.5 ms); once
+// phase as dirty bytes / measured rate + a fixed overhead (0.75 ms); once
 // that fits the downtime limit it runs up to three more rounds while each
-// at least halves the rest and the estimate stays above twice the fixed
-// part (each such round costs the total about what it saves the
+// at least halves the rest and the pages would take more than 0.25 ms of
+// the stop phase (each such round costs the total about what it saves the
 // downtime); then, or after MaxRounds, it pauses the vCPUs, sends the
 // pages dirtied since, the machine state (machine.MachineState) and an end
 // frame, and runs the commit handshake below. While paused, the state is
