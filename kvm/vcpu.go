@@ -160,6 +160,7 @@ func (v *VCPU) call(f func() error) error {
 	return v.request(f)
 }
 
+// request runs f on the vCPU's thread and waits for it.
 func (v *VCPU) request(f func() error) error {
 	r := request{f, make(chan error, 1)}
 	select {
@@ -353,7 +354,8 @@ func FormatRegs(r *Regs, s *Sregs) string {
 	return b.String()
 }
 
-// get and set run a vCPU ioctl on the vCPU's thread.
+// ioctl runs a vCPU state ioctl (through call: on the caller's thread
+// when the vCPU is parked or idle).
 func (v *VCPU) ioctl(name string, req uintptr, p unsafe.Pointer) error {
 	return v.call(func() error {
 		if err := ioctlPtr(v.fd, req, p); err != nil {
