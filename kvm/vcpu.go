@@ -143,7 +143,13 @@ func (v *VCPU) ID() int { return v.id }
 // inside Run, f runs only once the vCPU is parked by VM.Pause. Never call
 // Do from f or from an ExitHandler.
 func (v *VCPU) Do(f func() error) error {
-	return v.request(f)
+	r := request{f, make(chan error, 1)}
+	select {
+	case v.reqs <- r:
+	case <-v.done:
+		return fmt.Errorf("kvm: vCPU %d is closed", v.id)
+	}
+	return <-r.err
 }
 
 // call runs f, a state ioctl, on the calling thread when the vCPU can
@@ -157,18 +163,7 @@ func (v *VCPU) call(f func() error) error {
 		}
 		return f()
 	}
-	return v.request(f)
-}
-
-// request runs f on the vCPU's thread and waits for it.
-func (v *VCPU) request(f func() error) error {
-	r := request{f, make(chan error, 1)}
-	select {
-	case v.reqs <- r:
-	case <-v.done:
-		return fmt.Errorf("kvm: vCPU %d is closed", v.id)
-	}
-	return <-r.err
+	return v.Do(f)
 }
 
 // kick makes a running KVM_RUN return (or the next one return at once).
